@@ -1,0 +1,97 @@
+"""The internal data model every stage speaks.
+
+``ingest`` turns each sender's payload into one :class:`Notification`; ``routing`` splits it into
+:class:`GroupDelivery` items; ``render`` turns each into an :class:`SmsText`; ``store`` keeps
+:class:`NewMessage` rows durable until ``dispatch`` delivers them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+Source = Literal["alertmanager", "grafana", "send"]
+Encoding = Literal["GSM-7", "UCS-2"]
+
+
+class AlertStatus(StrEnum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One alert. ``status`` comes from the alert itself, never from ``ends_at``."""
+
+    status: AlertStatus
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    starts_at: datetime | None
+    ends_at: datetime | None  # None for the Go zero time of a firing alert
+    generator_url: str = ""
+    fingerprint: str = ""
+    # Grafana's extras (empty for Alertmanager)
+    silence_url: str = ""
+    dashboard_url: str = ""
+    panel_url: str = ""
+    image_url: str = ""
+    values: Mapping[str, Any] | None = None
+    value_string: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One webhook call (or one ``/send`` item), whatever the sender."""
+
+    source: Source
+    alerts: tuple[Alert, ...]
+    status: AlertStatus = AlertStatus.FIRING
+    receiver: str = ""
+    group_key: str = ""
+    group_labels: Mapping[str, str] = field(default_factory=dict)
+    common_labels: Mapping[str, str] = field(default_factory=dict)
+    common_annotations: Mapping[str, str] = field(default_factory=dict)
+    external_url: str = ""
+    truncated_alerts: int = 0
+    title: str = ""  # Grafana
+    message: str = ""  # Grafana, or the literal text of a /send item
+    variables: Mapping[str, Any] = field(default_factory=dict)  # /send
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDelivery:
+    """The alerts of one notification that reach one SMS group: they become one text."""
+
+    group_id: str
+    level: str  # the most urgent level among ``alerts``
+    status: AlertStatus  # firing if any of ``alerts`` fires
+    alerts: tuple[Alert, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SmsText:
+    """A text ready to send: already cut to the configured number of parts."""
+
+    text: str
+    encoding: Encoding
+    parts: int
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to be stored in the outbox: one text for one group's recipients."""
+
+    id: str
+    group_id: str
+    level: str
+    status: AlertStatus
+    sms: SmsText
+    recipients: tuple[str, ...]  # E.164, with "+"
+    source: Source
+    alert_count: int
+    priority: int = 0  # the level's rank: 0 is the most urgent, sent first
+    template_error: str | None = None

@@ -1,0 +1,158 @@
+"""The durable outbox: one interface, an embedded SQLite implementation (and PostgreSQL later).
+
+Contract shared by every implementation:
+
+- :meth:`Store.accept` commits a notification's messages durably, or raises :class:`StoreError`;
+  only after it returns may the webhook be answered 2xx. A notification whose dedup key was seen
+  within ``window`` seconds is a replay: nothing is written and ``duplicate`` is True.
+- :meth:`Store.claim` hands out due messages under a lease; a claimed message whose lease ran out
+  (the process died mid-send) is due again. This is the only at-least-once window.
+- :meth:`Store.finish` records what Clickatell answered per recipient and the next state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from receiver.models import NewMessage
+
+MessageState = Literal["pending", "sending", "sent", "partial", "failed", "dead", "dry_run"]
+RecipientState = Literal["pending", "accepted", "failed", "delivered", "undelivered", "dry_run"]
+MESSAGE_STATES: tuple[MessageState, ...] = (
+    "pending", "sending", "sent", "partial", "failed", "dead", "dry_run",
+)
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (disk, database down): the caller answers 5xx."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRecord:
+    number: str  # E.164
+    state: RecipientState
+    api_message_id: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+    delivery_status: str | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    id: str
+    created_at: float
+    source: str
+    group_id: str
+    level: str
+    status: str
+    text: str
+    encoding: str
+    parts: int
+    alert_count: int
+    state: MessageState
+    attempts: int
+    next_attempt_at: float
+    updated_at: float
+    priority: int = 0
+    template_error: str | None = None
+    last_error: str | None = None
+    accepted_at: float | None = None
+    recipients: tuple[RecipientRecord, ...] = ()
+
+    @property
+    def pending_numbers(self) -> tuple[str, ...]:
+        return tuple(r.number for r in self.recipients if r.state == "pending")
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptResult:
+    duplicate: bool
+    message_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    number: str
+    state: RecipientState
+    api_message_id: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    pending: int  # pending or being sent
+    oldest_pending_created_at: float | None
+    by_state: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    group: str | None = None
+    state: str | None = None
+    since: float | None = None
+    limit: int = 100
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers a query."""
+
+    async def accept(
+        self, key: str, source: str, now: float, window: float, messages: Sequence[NewMessage]
+    ) -> AcceptResult: ...
+
+    async def claim(self, now: float, limit: int, lease: float) -> list[MessageRecord]:
+        """Due messages, most urgent first, marked ``sending`` until ``now + lease``."""
+
+    async def finish(
+        self,
+        message_id: str,
+        updates: Sequence[RecipientUpdate],
+        now: float,
+        *,
+        retry_at: float | None,
+        last_error: str | None,
+        dead: bool = False,
+    ) -> MessageState:
+        """Apply per-recipient results; recipients still pending make the message due again at
+        ``retry_at`` (or, with ``dead``, fail). Returns the message's new state."""
+
+    async def retry_now(self, now: float) -> int:
+        """Make every pending message due now (after a reload fixed a key)."""
+
+    async def get_message(self, message_id: str) -> MessageRecord | None: ...
+
+    async def list_messages(self, query: MessageQuery) -> list[MessageRecord]: ...
+
+    async def stats(self) -> OutboxStats: ...
+
+    async def delivery_report(
+        self, api_message_id: str, status: str, final_state: RecipientState | None, now: float
+    ) -> bool:
+        """Record a delivery report; False when no recipient has that Clickatell message id."""
+
+    async def prune(self, before: float) -> int:
+        """Delete finished messages and dedup keys older than ``before``; returns rows deleted."""
+
+
+def open_store(url: str) -> Store:
+    """The implementation for a ``storage`` URL (not yet opened)."""
+    if url.startswith("sqlite://"):
+        from receiver.store.sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path(url))
+    raise StoreError(f"storage {url.split('://')[0]}:// is not supported yet (use sqlite://)")
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///var/lib/x.db`` → ``/var/lib/x.db``; ``sqlite://data/x.db`` → ``data/x.db``."""
+    rest = url.removeprefix("sqlite://")
+    return rest or ":memory:"

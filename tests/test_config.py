@@ -1,0 +1,125 @@
+from pathlib import Path
+
+import pytest
+
+from receiver.config import ConfigError, load_config, parse_config, parse_duration
+from tests.helpers import make_config
+
+ROOT = Path(__file__).parent.parent
+
+
+def errors_of(text: str, env: dict[str, str] | None = None, base_dir: Path = ROOT) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env=env or {}, base_dir=base_dir)
+    return info.value.errors
+
+
+def test_repo_config_yaml_is_valid_and_dry_run_without_key():
+    cfg = load_config(ROOT / "config.yaml", env={})
+    assert cfg.dry_run
+    assert cfg.groups[0].members == ("+886911960999", "+886911960998")  # with or without "+"
+    assert not cfg.webhook_auth.configured  # "${WEBHOOK_TOKEN}" unset: dropped, not ""
+
+
+def test_env_expansion_and_defaults():
+    cfg = load_config(ROOT / "config.yaml", env={
+        "CLICKATELL_API_KEY": "k==", "WEBHOOK_TOKEN": "t1", "SMS_RECEIVER_LISTEN": "127.0.0.1:1234",
+    })
+    assert cfg.clickatell.api_key.get_secret_value() == "k=="
+    assert not cfg.dry_run
+    assert [t.get_secret_value() for t in cfg.webhook_auth.bearer_tokens] == ["t1"]
+    assert cfg.listen == "127.0.0.1:1234"
+    assert cfg.clickatell.base_url == "https://platform.clickatell.com"  # ${VAR:-default}
+
+
+def test_secret_files(tmp_path: Path):
+    (tmp_path / "key").write_text("secret-key==\n")
+    (tmp_path / "tokens").write_text("a\n\nb\n")
+    cfg = parse_config(
+        "clickatell: {api_key_file: key}\nwebhook_auth: {bearer_tokens_file: tokens}\n",
+        env={}, base_dir=tmp_path,
+    )
+    assert cfg.clickatell.api_key.get_secret_value() == "secret-key=="
+    assert [t.get_secret_value() for t in cfg.webhook_auth.bearer_tokens] == ["a", "b"]
+    assert "secret-key" not in repr(cfg)
+
+
+def test_secret_file_errors(tmp_path: Path):
+    errs = errors_of("clickatell: {api_key: x, api_key_file: key}\n"
+                     "groups: [{id: a, members: ['+886911960999'], api_key_file: missing}]\n",
+                     base_dir=tmp_path)
+    assert "clickatell.api_key_file: give either api_key or api_key_file, not both" in errs
+    assert any(e.startswith("groups.0.api_key_file: cannot read 'missing'") for e in errs)
+
+
+def test_every_structural_error_is_reported_with_its_path():
+    errs = errors_of("""
+listen: nowhere
+bogus: 1
+clickatell: {api: soap, max_parts: 99}
+groups:
+  - id: a
+    members: ["12", "+886911960999"]
+  - {id: b, members: []}
+routes:
+  - matchers: ['team=~"("', 'no operator']
+    groups: [a]
+dedup_window: soon
+""")
+    text = "\n".join(errs)
+    assert "listen: 'nowhere' is not HOST:PORT" in text
+    assert "bogus: unknown key" in errs
+    assert any(e.startswith("clickatell.api: ") for e in errs)
+    assert any(e.startswith("clickatell.max_parts: ") for e in errs)
+    assert any(e.startswith("groups.0.members.0: '12' is not") for e in errs)
+    assert any(e.startswith("groups.1.members: ") for e in errs)
+    assert any(e.startswith("routes.0.matchers.0: invalid regular expression") for e in errs)
+    assert any(e.startswith("routes.0.matchers.1: 'no operator' is not a matcher") for e in errs)
+    assert any(e.startswith("dedup_window: 'soon' is not a duration") for e in errs)
+
+
+def test_cross_reference_errors():
+    errs = errors_of("""
+default_level: urgent
+levels: [{name: critical, severities: [critical]}, {name: warning, severities: [warning, CRITICAL]}]
+groups:
+  - {id: a, members: ['+886911960999'], level: nope, template: missing}
+  - {id: a, members: ['+886911960998']}
+routes:
+  - {matchers: ['team="x"'], groups: [a, ghost]}
+default_groups: [phantom]
+templates:
+  broken: "{% for a in alerts %}"
+""")
+    assert "default_level: unknown level 'urgent' (levels: critical, warning)" in errs
+    assert "levels.1.severities.1: 'CRITICAL' already belongs to level 'critical'" in errs
+    assert "groups.0.level: unknown level 'nope' (levels: critical, warning)" in errs
+    assert any(e.startswith("groups.0.template: unknown template 'missing'") for e in errs)
+    assert "groups.1.id: duplicate group id 'a'" in errs
+    assert "routes.0.groups.1: unknown group id 'ghost'" in errs
+    assert "default_groups.0: unknown group id 'phantom'" in errs
+    assert any(e.startswith("templates.broken: ") and "line 1" in e for e in errs)
+
+
+def test_yaml_syntax_error_names_line():
+    errs = errors_of("groups:\n  - id: a\n   members: [\n")
+    assert errs[0].startswith("(file): line ")
+
+
+def test_durations():
+    assert parse_duration("90s") == 90
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration(15) == 15
+    with pytest.raises(ValueError):
+        parse_duration("5 minutes")
+
+
+def test_group_level_defaults_to_most_urgent():
+    cfg = make_config(groups=[{"id": "x", "members": ["+886911960999"]}], routes=[], default_groups=[])
+    assert cfg.group_level(cfg.groups[0]) == "critical"
+
+
+def test_default_template_always_present():
+    cfg = make_config(templates={"other": "x"})
+    assert set(cfg.templates) == {"default", "other"}

@@ -1,0 +1,119 @@
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from receiver.models import AlertStatus, NewMessage, SmsText
+from receiver.store import MessageQuery, RecipientUpdate, StoreError, open_store, sqlite_path
+from receiver.store.sqlite import SQLiteStore
+
+
+def msg(i: str, priority: int = 1, recipients=("+886911960999", "+886911960998")) -> NewMessage:
+    return NewMessage(id=i, group_id="db", level="warning", status=AlertStatus.FIRING,
+                      sms=SmsText("hello", "GSM-7", 1), recipients=recipients, source="alertmanager",
+                      alert_count=1, priority=priority)
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = SQLiteStore(str(tmp_path / "outbox.db"))
+    await s.open()
+    yield s
+    await s.close()
+
+
+def test_sqlite_urls():
+    assert sqlite_path("sqlite:///var/lib/x.db") == "/var/lib/x.db"
+    assert sqlite_path("sqlite://./data/x.db") == "./data/x.db"
+    with pytest.raises(StoreError):
+        open_store("mysql://x")
+
+
+async def test_accept_dedup_window(store):
+    r = await store.accept("k1", "alertmanager", 1000.0, 60.0, [msg("m1")])
+    assert not r.duplicate and r.message_ids == ("m1",)
+    again = await store.accept("k1", "alertmanager", 1030.0, 60.0, [msg("m2")])
+    assert again.duplicate
+    assert await store.get_message("m2") is None
+    later = await store.accept("k1", "alertmanager", 1100.0, 60.0, [msg("m3")])  # window passed
+    assert not later.duplicate
+
+
+async def test_group_commit_many_concurrent_accepts(store):
+    results = await asyncio.gather(*[
+        store.accept(f"k{i % 50}", "alertmanager", 1000.0, 60.0, [msg(f"m{i}")]) for i in range(200)
+    ])
+    assert sum(not r.duplicate for r in results) == 50  # concurrent replays in one batch too
+    assert (await store.stats()).pending == 50
+
+
+async def test_claim_priority_lease_and_finish(store):
+    await store.accept("a", "alertmanager", 1000.0, 60.0, [msg("warn", priority=1)])
+    await store.accept("b", "alertmanager", 1001.0, 60.0, [msg("crit", priority=0)])
+    claimed = await store.claim(1002.0, 1, lease=30.0)
+    assert [m.id for m in claimed] == ["crit"]  # most urgent first
+    assert claimed[0].attempts == 1 and claimed[0].state == "sending"
+    assert len(claimed[0].pending_numbers) == 2
+    # a claimed message is not handed out again until its lease runs out
+    assert [m.id for m in await store.claim(1003.0, 10, 30.0)] == ["warn"]
+    assert await store.claim(1010.0, 10, 30.0) == []
+    again = await store.claim(1033.0, 10, 30.0)  # crit's lease expired (process died mid-send)
+    assert {m.id for m in again} == {"crit", "warn"}
+
+    state = await store.finish("crit", [
+        RecipientUpdate("+886911960999", "accepted", "a" * 32),
+        RecipientUpdate("+886911960998", "failed", None, "105", "Invalid destination address."),
+    ], 1034.0, retry_at=None, last_error=None)
+    assert state == "partial"
+    rec = await store.get_message("crit")
+    assert rec.accepted_at == 1034.0
+    assert {r.number: r.state for r in rec.recipients} == {"+886911960999": "accepted", "+886911960998": "failed"}
+
+
+async def test_retry_then_dead(store):
+    await store.accept("a", "alertmanager", 1000.0, 60.0, [msg("m")])
+    await store.claim(1000.0, 10, 30.0)
+    state = await store.finish("m", [RecipientUpdate("+886911960999", "accepted", "x" * 32)], 1001.0,
+                               retry_at=1050.0, last_error="HTTP 503")
+    assert state == "pending"
+    assert await store.claim(1010.0, 10, 30.0) == []  # not due before retry_at
+    assert await store.retry_now(1010.0) == 1  # a reload makes it due now
+    claimed = await store.claim(1010.0, 10, 30.0)
+    assert claimed[0].pending_numbers == ("+886911960998",)  # the accepted one is never resent
+    state = await store.finish("m", [], 5000.0, retry_at=None, last_error="gave up", dead=True)
+    assert state == "dead"
+    assert (await store.list_messages(MessageQuery(state="dead")))[0].last_error == "gave up"
+
+
+async def test_delivery_reports_move_forward_only(store):
+    await store.accept("a", "alertmanager", 1000.0, 60.0, [msg("m", recipients=("+886911960999",))])
+    await store.claim(1000.0, 10, 30.0)
+    await store.finish("m", [RecipientUpdate("+886911960999", "accepted", "f" * 32)], 1001.0,
+                       retry_at=None, last_error=None)
+    assert await store.delivery_report("f" * 32, "4 RECEIVED_BY_RECIPIENT", "delivered", 1002.0)
+    assert await store.delivery_report("f" * 32, "3 DELIVERED_TO_GATEWAY", None, 1003.0)  # late
+    r = (await store.get_message("m")).recipients[0]
+    assert (r.state, r.delivery_status) == ("delivered", "4 RECEIVED_BY_RECIPIENT")
+    assert not await store.delivery_report("0" * 32, "4", "delivered", 1004.0)
+
+
+async def test_list_filters_and_prune(store):
+    for i in range(5):
+        await store.accept(f"k{i}", "alertmanager", 1000.0 + i, 60.0, [msg(f"m{i}")])
+    assert len(await store.list_messages(MessageQuery(since=1003.0))) == 2
+    assert len(await store.list_messages(MessageQuery(group="nope"))) == 0
+    assert len(await store.list_messages(MessageQuery(limit=3))) == 3
+    await store.claim(2000.0, 1, 30.0)
+    first = (await store.list_messages(MessageQuery(state="sending")))[0].id
+    await store.finish(first, [RecipientUpdate(n, "accepted", "x") for n in ("+886911960999", "+886911960998")],
+                       2000.0, retry_at=None, last_error=None)
+    assert await store.prune(5000.0) > 0
+    remaining = {m.id for m in await store.list_messages(MessageQuery())}
+    assert first not in remaining and len(remaining) == 4  # pending ones are never pruned
+
+
+async def test_unwritable_store_raises_store_error(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    s = SQLiteStore(str(tmp_path / "file" / "outbox.db"))  # parent is a file
+    with pytest.raises(StoreError):
+        await s.open()
