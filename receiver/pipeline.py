@@ -1,0 +1,113 @@
+"""The accept pipeline, composed in one place: notification → routing → render → outbox rows.
+
+Everything here is pure: given the same notification, config snapshot, time and id source, it
+plans the same messages. The web layer stores the plan; ``sms-receiver render`` prints it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from receiver.config import Config
+from receiver.encoding import fit
+from receiver.ingest import SendItem, send_notification
+from receiver.models import AlertStatus, GroupDelivery, NewMessage, Notification
+from receiver.render import Renderer, build_context
+from receiver.routing import RoutingResult, route
+
+IdSource = Callable[[float], str]
+
+
+def new_message_id(now: float) -> str:
+    """Time-ordered and unique across replicas: 11 hex digits of milliseconds + 64 random bits.
+    Also sent as Clickatell's ``clientMessageId``, so delivery reports point back to it."""
+    return f"{int(now * 1000):011x}{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One consistent config and what is compiled from it; swapped whole on reload."""
+
+    config: Config
+    renderer: Renderer
+
+    @classmethod
+    def build(cls, config: Config) -> Snapshot:
+        return cls(config, Renderer(config.templates))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    messages: tuple[NewMessage, ...]
+    routing: RoutingResult
+
+
+def plan_notification(
+    notification: Notification, snap: Snapshot, now: float, new_id: IdSource = new_message_id
+) -> Plan:
+    """Route a notification and render one message per receiving group."""
+    cfg = snap.config
+    routing = route(notification, cfg)
+    messages = tuple(
+        _message(notification, delivery, snap, now, new_id) for delivery in routing.deliveries
+    )
+    return Plan(messages, routing)
+
+
+def _message(
+    notification: Notification,
+    delivery: GroupDelivery,
+    snap: Snapshot,
+    now: float,
+    new_id: IdSource,
+    template: str | None = None,
+) -> NewMessage:
+    cfg = snap.config
+    group = cfg.groups_by_id[delivery.group_id]
+    rendered = snap.renderer.render(
+        template or group.template,
+        build_context(notification, delivery, group, now),
+        cfg.clickatell.max_parts,
+    )
+    return NewMessage(
+        id=new_id(now),
+        group_id=group.id,
+        level=delivery.level,
+        status=delivery.status,
+        sms=rendered.sms,
+        recipients=group.members,
+        source=notification.source,
+        alert_count=len(delivery.alerts),
+        priority=cfg.level_rank(delivery.level),
+        template_error=rendered.error,
+    )
+
+
+def plan_send(
+    item: SendItem, snap: Snapshot, now: float, new_id: IdSource = new_message_id
+) -> NewMessage:
+    """One ``/send`` item as a message to its group (whose existence the caller checked).
+
+    A literal ``message`` is sent as written (cut to ``max_parts``); ``useTemplate`` renders the
+    group's template (or the item's ``template``) with the caller's ``variables``.
+    """
+    cfg = snap.config
+    group = cfg.groups_by_id[item.groupId]
+    level = cfg.group_level(group)
+    notification = send_notification(item)
+    delivery = GroupDelivery(group.id, level, AlertStatus.FIRING, ())
+    if item.useTemplate:
+        return _message(notification, delivery, snap, now, new_id, item.template)
+    return NewMessage(
+        id=new_id(now),
+        group_id=group.id,
+        level=level,
+        status=AlertStatus.FIRING,
+        sms=fit(item.message or "", cfg.clickatell.max_parts),
+        recipients=group.members,
+        source="send",
+        alert_count=0,
+        priority=cfg.level_rank(level),
+    )

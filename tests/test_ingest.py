@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from receiver.ingest import InvalidPayload, dedup_key, parse_send, parse_webhook
+from receiver.models import AlertStatus
+from tests.helpers import fixture
+
+
+def test_alertmanager_fixture():
+    n = parse_webhook(fixture("alertmanager-0.25-firing.json"), "alertmanager")
+    a = n.alerts[0]
+    assert n.group_key == '{}:{alertname="HighLatency"}'
+    assert a.status is AlertStatus.FIRING
+    assert a.ends_at is None  # Go zero time
+    assert a.starts_at.isoformat() == "2026-11-22T20:34:59.493714+00:00"  # nanoseconds accepted
+    assert a.fingerprint == "c626d2275ab0f610"
+
+
+def test_resolved_fixture_status_from_alert_not_ends_at():
+    n = parse_webhook(fixture("alertmanager-0.25-resolved.json"), "alertmanager")
+    assert [a.status for a in n.alerts] == [AlertStatus.RESOLVED] * 2
+    assert n.alerts[0].ends_at is not None
+
+
+def test_status_never_inferred_from_ends_at():
+    body = json.loads(fixture("alertmanager-0.25-firing.json"))
+    body["alerts"][0]["endsAt"] = "2099-01-01T00:00:00Z"  # old senders put a future time there
+    assert parse_webhook(json.dumps(body).encode(), "alertmanager").alerts[0].status is AlertStatus.FIRING
+
+
+def test_old_sender_without_fingerprint_and_truncated_and_unknown_keys():
+    body = json.loads(fixture("alertmanager-0.25-firing.json"))
+    del body["alerts"][0]["fingerprint"], body["truncatedAlerts"]
+    body["notification_reason"] = "new"
+    body["routeLabels"] = {"x": "y"}
+    n = parse_webhook(json.dumps(body).encode(), "alertmanager")
+    assert len(n.alerts[0].fingerprint) == 16
+    assert n.truncated_alerts == 0
+
+
+def test_grafana_fixture():
+    n = parse_webhook(fixture("grafana-webhook-firing.json"), "grafana")
+    assert n.title == "[FIRING:2]  (blue)"
+    assert n.alerts[0].values == {"B": 44.23943737541908, "C": 1}
+    assert n.alerts[0].silence_url.startswith("https://play.grafana.org/alerting/silence")
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[]", 422, "JSON object"),
+    (b'{"alerts": []}', 422, "alerts"),
+    (b'{"alerts": [{"status": "burning", "labels": {}}]}', 422, "alerts.0.status"),
+    (b'{"alerts": [{"status": "firing", "labels": {"a": 1}}]}', 422, "alerts.0.labels.a"),
+    (b'{"alerts": [{"status": "firing"}]}', 422, "alerts.0.labels: required"),
+    (b'{"alerts": "x"}', 422, "alerts"),
+])
+def test_bad_inputs_name_the_problem(body, status, needle):
+    with pytest.raises(InvalidPayload) as info:
+        parse_webhook(body, "alertmanager")
+    assert info.value.status == status
+    assert needle in info.value.reason
+
+
+def test_legacy_grafana_is_named():
+    body = json.dumps({"title": "x", "ruleId": 1, "ruleName": "r", "state": "alerting",
+                       "evalMatches": [], "message": "m"}).encode()
+    with pytest.raises(InvalidPayload) as info:
+        parse_webhook(body, "grafana")
+    assert "legacy Grafana" in info.value.reason
+
+
+def test_dedup_key_identity():
+    a = parse_webhook(fixture("alertmanager-0.25-grouped-firing.json"), "alertmanager")
+    body = json.loads(fixture("alertmanager-0.25-grouped-firing.json"))
+    body["alerts"].reverse()  # order does not matter
+    b = parse_webhook(json.dumps(body).encode(), "alertmanager")
+    assert dedup_key(a) == dedup_key(b)
+    resolved = parse_webhook(fixture("alertmanager-0.25-resolved.json"), "alertmanager")
+    assert dedup_key(resolved) != dedup_key(a)
+    body["alerts"][0]["startsAt"] = "2026-11-22T21:00:00Z"  # the alert fired again
+    assert dedup_key(parse_webhook(json.dumps(body).encode(), "alertmanager")) != dedup_key(a)
+    assert dedup_key(a) != dedup_key(parse_webhook(fixture("alertmanager-0.25-grouped-firing.json"), "grafana"))
+
+
+def test_parse_send_items_independently():
+    items = parse_send(json.dumps([
+        {"groupId": "a", "useTemplate": True, "variables": {"name": "Steven"}},
+        {"groupId": "b", "message": "hello"},
+        {"groupId": "c"},
+        {"message": "no group"},
+        {"groupId": "d", "message": "x", "useTemplate": True},
+    ]).encode())
+    assert [type(i).__name__ for i in items] == ["SendItem", "SendItem", "InvalidPayload", "InvalidPayload", "InvalidPayload"]
+    assert "groupId" in items[3].reason
+    with pytest.raises(InvalidPayload):
+        parse_send(b"[]")
