@@ -1,0 +1,132 @@
+"""The running receiver: one config snapshot, the outbox, the dispatcher, the Clickatell client and
+the metrics, wired together. The web layer and the CLI both talk to a :class:`Receiver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from pathlib import Path
+
+import httpx
+
+from receiver.clickatell import ClickatellClient
+from receiver.clock import Clock, SystemClock
+from receiver.config import Config, ConfigError, config_warnings, load_config
+from receiver.dispatch import Dispatcher
+from receiver.metrics import Metrics
+from receiver.pipeline import Snapshot
+from receiver.store import Store, StoreError, open_store
+
+log = logging.getLogger("sms_receiver")
+
+
+class Receiver:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | Path | None = None,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config_path = Path(config_path) if config_path else None
+        self.clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self.store = store or open_store(config.storage)
+        self._snapshot = Snapshot.build(config)
+        self._transport = transport
+        self._client = self._new_client(config)
+        self.dispatcher = Dispatcher(
+            store=self.store,
+            snapshot=lambda: self._snapshot,
+            client=lambda: self._client,
+            metrics=self.metrics,
+            clock=self.clock,
+            rng=rng,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reload_lock = asyncio.Lock()
+        self.last_reload_ok = True
+        self.last_reload_success: float | None = None
+
+    def _reloaded(self, ok: bool) -> None:
+        self.last_reload_ok = ok
+        self.metrics.reload_ok.set(int(ok))
+        if ok:
+            self.last_reload_success = self.clock.now()
+            self.metrics.reload_ts.set(self.last_reload_success)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def config(self) -> Config:
+        return self._snapshot.config
+
+    def _new_client(self, cfg: Config) -> ClickatellClient:
+        c = cfg.clickatell
+        return ClickatellClient(
+            base_url=c.base_url, api=c.api, timeout=c.timeout, transport=self._transport
+        )
+
+    async def start(self, *, dispatch: bool = True) -> None:
+        """Open the outbox and start the dispatcher (``dispatch=False``: accept only)."""
+        await self.store.open()
+        cfg = self.config
+        self.metrics.init_groups((g.id for g in cfg.groups), cfg.level_names)
+        self.metrics.dry_run.set(int(cfg.dry_run))
+        self._reloaded(True)
+        for warning in config_warnings(cfg):
+            log.warning("%s", warning)
+        if dispatch:
+            self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self._client.aclose()
+        await self.store.close()
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file; on any error keep the running config and return the errors."""
+        async with self._reload_lock:
+            if self.config_path is None:
+                return ["(file): the receiver was not started from a config file"]
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                self._reloaded(False)
+                log.error("config reload failed, keeping the running config:\n  %s",
+                          "\n  ".join(exc.errors))
+                return exc.errors
+            old = self.config
+            for key in ("listen", "storage"):
+                if getattr(new, key) != getattr(old, key):
+                    log.warning("config reload: %s changed; it takes effect after a restart", key)
+            self._snapshot = Snapshot.build(new)
+            if new.clickatell.model_dump() != old.clickatell.model_dump():
+                previous, self._client = self._client, self._new_client(new)
+                # requests in flight on the old client finish first
+                asyncio.get_running_loop().call_later(
+                    old.clickatell.timeout + 1, lambda: asyncio.ensure_future(previous.aclose())
+                )
+            self.metrics.init_groups((g.id for g in new.groups), new.level_names)
+            self.metrics.dry_run.set(int(new.dry_run))
+            self._reloaded(True)
+            for warning in config_warnings(new):
+                log.warning("%s", warning)
+            try:  # a fixed key must not wait for the backoff of what it held back
+                await self.store.retry_now(self.clock.now())
+            except StoreError as exc:
+                log.warning("after reload, could not reschedule pending messages: %s", exc)
+            self.dispatcher.wake()
+            log.info("config reloaded from %s", self.config_path)
+            return []

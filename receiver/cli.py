@@ -1,0 +1,240 @@
+"""``sms-receiver`` (and ``python -m receiver``): run, check-config, render, fake-clickatell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from receiver import __version__
+from receiver.config import Config, ConfigError, config_warnings, load_config
+from receiver.ingest import InvalidPayload, parse_webhook
+from receiver.logs import setup_logging
+from receiver.pipeline import Snapshot, plan_notification
+
+log = logging.getLogger("sms_receiver")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+async def _serve(cfg: Config, config_path: Path, listen: str) -> None:
+    from aiohttp import web
+
+    from receiver.app import Receiver
+    from receiver.web import create_app
+
+    receiver = Receiver(cfg, config_path=config_path)
+    await receiver.start()
+    runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = _split_listen(listen)
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+    log.info("sms-receiver %s listening on http://%s (storage %s)", __version__, listen,
+             cfg.storage.split("?")[0] if cfg.storage.startswith("sqlite") else "postgresql")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[list[str]]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(receiver.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing requests and sends in flight")
+    await runner.cleanup()
+    await receiver.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid config {args.config}:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    setup_logging(args.log_format or cfg.log_format)
+    listen = args.listen or cfg.listen
+    try:
+        _split_listen(listen)
+    except ValueError:
+        print(f"--listen: {listen!r} is not HOST:PORT", file=sys.stderr)
+        return 2
+    from receiver.store import StoreError
+
+    try:
+        asyncio.run(_serve(cfg, Path(args.config), listen))
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", listen, exc.strerror or exc)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# check-config
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line)
+        return 1
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"{args.file}: OK ({len(cfg.groups)} groups, {len(cfg.routes)} routes, "
+        f"{len(cfg.levels)} levels, {len(cfg.templates)} templates)"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# render
+
+
+def _guess_source(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "alertmanager"
+    grafana = isinstance(data, dict) and ("orgId" in data or "state" in data or data.get("version") == "1")
+    return "grafana" if grafana else "alertmanager"
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    try:
+        body = Path(args.payload).read_bytes()
+    except OSError as exc:
+        print(f"--payload: cannot read {args.payload!r}: {exc.strerror}", file=sys.stderr)
+        return 1
+    source = args.source or _guess_source(body)
+    try:
+        notification = parse_webhook(body, source)
+    except InvalidPayload as exc:
+        print(f"{args.payload}: {exc.reason}", file=sys.stderr)
+        return 1
+    now = datetime.fromisoformat(args.now.replace("Z", "+00:00")).timestamp() if args.now else None
+    if now is None:
+        from receiver.clock import SystemClock
+
+        now = SystemClock().now()
+    plan = plan_notification(notification, Snapshot.build(cfg), now, lambda _now: "-")
+
+    if args.json:
+        out: dict[str, Any] = {
+            "source": source,
+            "alerts": len(notification.alerts),
+            "dryRun": cfg.dry_run,
+            "messages": [
+                {
+                    "group": m.group_id,
+                    "level": m.level,
+                    "status": str(m.status),
+                    "recipients": list(m.recipients),
+                    "text": m.sms.text,
+                    "encoding": m.sms.encoding,
+                    "parts": m.sms.parts,
+                    "truncated": m.sms.truncated,
+                    "templateError": m.template_error,
+                }
+                for m in plan.messages
+            ],
+            "unrouted": [dict(a.labels) for a in plan.routing.unrouted],
+            "filtered": [dict(a.labels) for a in plan.routing.filtered],
+        }
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+
+    print(f"source: {source}, {len(notification.alerts)} alert(s), "
+          f"{len(plan.messages)} message(s){' — DRY-RUN: no API key configured' if cfg.dry_run else ''}")
+    for m in plan.messages:
+        group = cfg.groups_by_id[m.group_id]
+        print()
+        print(f"group {m.group_id}" + (f" ({group.name})" if group.name else "")
+              + f": level {m.level}, {m.status}, {m.alert_count} alert(s), template {group.template}")
+        print(f"  recipients: {', '.join(m.recipients)}")
+        print(f"  {m.sms.encoding}, {m.sms.parts} part(s), {len(m.sms.text)} characters"
+              + (", cut to clickatell.max_parts" if m.sms.truncated else ""))
+        if m.template_error:
+            print(f"  TEMPLATE FAILED ({m.template_error}): the fallback text below is sent")
+        print("  text:")
+        for line in m.sms.text.splitlines() or [""]:
+            print(f"    | {line}")
+    for title, alerts in (("matched no route", plan.routing.unrouted),
+                          ("taken by no matched group (level or send_resolved)", plan.routing.filtered)):
+        if alerts:
+            print(f"\n{len(alerts)} alert(s) {title}: "
+                  + ", ".join(a.labels.get("alertname", "?") for a in alerts))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from receiver import fake_clickatell
+
+    parser = argparse.ArgumentParser(
+        prog="sms-receiver", description="SMS paging receiver for Alertmanager and Grafana."
+    )
+    parser.add_argument("--version", action="version", version=f"sms-receiver {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the receiver")
+    run.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
+    run.add_argument("--listen", help="HOST:PORT, overriding the config's listen")
+    run.add_argument("--log-format", choices=("text", "json"), help="overrides log_format")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    render = sub.add_parser("render", help="print the SMS a payload would produce; sends nothing")
+    render.add_argument("--config", required=True)
+    render.add_argument("--payload", required=True, help="a webhook body (JSON file)")
+    render.add_argument("--source", choices=("alertmanager", "grafana"),
+                        help="default: guessed from the payload")
+    render.add_argument("--now", help="RFC 3339 time to render at (default: now)")
+    render.add_argument("--json", action="store_true", help="machine-readable output")
+    render.set_defaults(func=cmd_render)
+
+    fake = sub.add_parser("fake-clickatell", help="a local stand-in for Clickatell")
+    fake_clickatell.add_cli_arguments(fake)
+    fake.set_defaults(func=fake_clickatell.run_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+

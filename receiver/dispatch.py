@@ -1,0 +1,272 @@
+"""Dispatch: drain the outbox into Clickatell.
+
+One loop claims due messages (most urgent first) and sends each in its own task, at most
+``dispatch.concurrency`` at a time; the recipients of one text go in requests of at most
+``dispatch.batch_size``. What Clickatell answers decides each recipient's fate:
+
+============================  ============================================================
+answer                        what happens
+============================  ============================================================
+accepted                      done; counted as sent
+per-recipient permanent code  that recipient failed (105 invalid number, 121 blocked …)
+transient (5xx, 429, 301 …)   the message is due again after backoff with jitter
+config (001, 007, 108 …)      logged loudly, kept pending; a reload makes it due at once
+permanent (100, 101, 113 …)   the remaining recipients failed
+still pending at max_age      dead letter: visible in the API and counted
+============================  ============================================================
+
+Without an API key (dry-run) a message is logged and recorded as ``dry_run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from receiver.clickatell import ClickatellClient, Kind, SendOutcome, classify
+from receiver.clock import Clock
+from receiver.config import format_duration
+from receiver.metrics import Metrics
+from receiver.phone import mask, msisdn
+from receiver.pipeline import Snapshot
+from receiver.store import MessageRecord, RecipientUpdate, Store, StoreError
+
+log = logging.getLogger("sms_receiver.dispatch")
+
+# The order in which a batch's request-level outcomes win when they differ.
+_SEVERITY = {Kind.OK: 0, Kind.TRANSIENT: 1, Kind.CONFIG: 2, Kind.PERMANENT: 3}
+
+
+def backoff(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": between half and all of ``initial·2^(n-1)``."""
+    delay = min(maximum, initial * 2 ** max(0, attempt - 1))
+    return delay * rng.uniform(0.5, 1.0)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one message's requests to Clickatell came to."""
+
+    updates: list[RecipientUpdate]
+    kind: Kind = Kind.OK
+    error: str | None = None
+    retry_after: float | None = None
+
+    def merge(self, outcome: SendOutcome) -> None:
+        if _SEVERITY[outcome.kind] > _SEVERITY[self.kind]:
+            self.kind = outcome.kind
+            self.error = _describe(outcome)
+        if outcome.retry_after is not None:
+            self.retry_after = max(self.retry_after or 0.0, outcome.retry_after)
+
+
+def _describe(outcome: SendOutcome) -> str:
+    head = f"HTTP {outcome.http_status}" if outcome.http_status else "no answer"
+    code = f" code {outcome.error_code}" if outcome.error_code else ""
+    return f"{head}{code}: {outcome.error or outcome.kind.value}"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        snapshot: Callable[[], Snapshot],
+        client: Callable[[], ClickatellClient],
+        metrics: Metrics,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._snapshot = snapshot
+        self._client = client
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.last_run: float | None = None  # monotonic time of the last loop pass (readiness)
+        self.last_error: str | None = None  # the store error of the last pass, if any
+
+    def wake(self) -> None:
+        """New messages were stored: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and send until cancelled; in-flight sends are awaited on the way out."""
+        try:
+            while True:
+                claimed = await self.run_once()
+                cfg = self._snapshot().config.dispatch
+                if claimed and len(self._inflight) < cfg.concurrency:
+                    continue  # more may be due
+                try:
+                    await asyncio.wait_for(self._wake.wait(), cfg.poll_interval)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def run_once(self) -> int:
+        """One pass: claim what is due and start sending it. Returns how many were claimed."""
+        self.last_run = self._clock.monotonic()
+        self._metrics.dispatcher_last_run.set(self._clock.now())
+        cfg = self._snapshot().config.dispatch
+        room = cfg.concurrency - len(self._inflight)
+        if room <= 0:
+            return 0
+        try:
+            claimed = await self._store.claim(self._clock.now(), room, cfg.lease)
+        except StoreError as exc:
+            if self.last_error is None:
+                log.error("dispatcher cannot claim messages: %s", exc)
+            self.last_error = str(exc)
+            return 0
+        self.last_error = None
+        for message in claimed:
+            task = asyncio.create_task(self._deliver(message))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+        return len(claimed)
+
+    async def drain(self) -> None:
+        """Wait for the sends in flight (tests, shutdown)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
+        self._wake.set()  # room for another claim
+
+    # -- one message ---------------------------------------------------------------------------
+
+    async def _deliver(self, message: MessageRecord) -> None:
+        snap = self._snapshot()
+        cfg = snap.config
+        group = cfg.group(message.group_id)
+        key = cfg.api_key_for(group) if group else cfg.clickatell.api_key.get_secret_value()
+        numbers = message.pending_numbers
+        if not key:
+            attempt = self._dry_run(message, numbers)
+        else:
+            attempt = await self._send(message, numbers, key, snap)
+        try:
+            await self._finish(message, numbers, attempt, snap)
+        except StoreError as exc:
+            # The lease runs out and the message is claimed again: at-least-once, never lost.
+            log.error("could not record the result of message %s: %s", message.id, exc)
+
+    def _dry_run(self, message: MessageRecord, numbers: tuple[str, ...]) -> _Attempt:
+        log.warning(
+            "DRY-RUN (no API key): would send message %s to group %s (%s): %s",
+            message.id, message.group_id, ", ".join(mask(n) for n in numbers), message.text,
+        )
+        self._metrics.sms_dry_run.labels(message.group_id).inc(len(numbers))
+        return _Attempt([RecipientUpdate(n, "dry_run") for n in numbers])
+
+    async def _send(
+        self, message: MessageRecord, numbers: tuple[str, ...], key: str, snap: Snapshot
+    ) -> _Attempt:
+        cfg = snap.config
+        client = self._client()
+        attempt = _Attempt([])
+        size = cfg.dispatch.batch_size
+        for start in range(0, len(numbers), size):
+            chunk = numbers[start : start + size]
+            outcome = await client.send(
+                api_key=key,
+                to=[msisdn(n) for n in chunk],
+                content=message.text,
+                client_message_id=message.id,
+                from_=cfg.clickatell.from_,
+            )
+            self._observe(outcome)
+            attempt.merge(outcome)
+            by_to = {r.to: r for r in outcome.recipients}
+            for number in chunk:
+                r = by_to.get(msisdn(number))
+                if r is None:
+                    continue
+                if r.accepted:
+                    attempt.updates.append(RecipientUpdate(number, "accepted", r.api_message_id))
+                elif r.error_code and classify(r.error_code, None) is Kind.PERMANENT:
+                    attempt.updates.append(
+                        RecipientUpdate(number, "failed", None, r.error_code, r.error)
+                    )
+        return attempt
+
+    def _observe(self, outcome: SendOutcome) -> None:
+        m = self._metrics
+        m.requests.labels(outcome.api, outcome.kind.value, m.status_code(outcome.http_status)).inc()
+        m.request_duration.labels(outcome.api).observe(outcome.duration)
+        if outcome.kind is not Kind.OK:
+            code = outcome.error_code or ("network" if outcome.http_status is None else "http")
+            m.clickatell_errors.labels(m.error_code(code)).inc()
+        for r in outcome.recipients:
+            if not r.accepted and r.error_code:
+                m.clickatell_errors.labels(m.error_code(r.error_code)).inc()
+        if outcome.kind is Kind.CONFIG:
+            log.error(
+                "CLICKATELL REJECTED THE ACCOUNT OR API KEY (%s): pages are held until the key is "
+                "fixed and the config reloaded, or until dispatch.max_age",
+                _describe(outcome),
+            )
+        elif outcome.kind is not Kind.OK:
+            log.warning("Clickatell request failed: %s", _describe(outcome))
+
+    async def _finish(
+        self, message: MessageRecord, numbers: tuple[str, ...], attempt: _Attempt, snap: Snapshot
+    ) -> None:
+        cfg = snap.config.dispatch
+        now = self._clock.now()
+        done = {u.number for u in attempt.updates}
+        left = [n for n in numbers if n not in done]
+        updates = list(attempt.updates)
+        dead = False
+        retry_at = None
+        if left and attempt.kind is Kind.PERMANENT:
+            updates += [RecipientUpdate(n, "failed", None, None, attempt.error) for n in left]
+        elif left and now - message.created_at >= cfg.max_age:
+            dead = True
+            attempt.error = f"not accepted within {format_duration(cfg.max_age)}: {attempt.error}"
+        elif left:
+            delay = backoff(message.attempts, cfg.retry_initial, cfg.retry_max, self._rng)
+            retry_at = now + max(delay, attempt.retry_after or 0.0)
+        state = await self._store.finish(
+            message.id, updates, now, retry_at=retry_at, last_error=attempt.error, dead=dead
+        )
+        self._count(message, updates, left if dead else [], now)
+        log.info(
+            "message %s group=%s attempt=%d state=%s accepted=%d failed=%d%s",
+            message.id, message.group_id, message.attempts, state,
+            sum(u.state == "accepted" for u in updates), sum(u.state == "failed" for u in updates),
+            f" retry_in={retry_at - now:.1f}s" if retry_at else "",
+        )
+
+    def _count(
+        self, message: MessageRecord, updates: list[RecipientUpdate], dead: list[str], now: float
+    ) -> None:
+        m, gid = self._metrics, message.group_id
+        accepted = sum(u.state == "accepted" for u in updates)
+        if accepted:
+            m.sms_sent.labels(gid).inc(accepted)
+            m.sms_parts.labels(gid).inc(accepted * message.parts)
+            if message.accepted_at is None:
+                m.delivery_latency.observe(max(0.0, now - message.created_at))
+        rejected = sum(u.state == "failed" and u.error_code is not None for u in updates)
+        permanent = sum(u.state == "failed" and u.error_code is None for u in updates)
+        if rejected:
+            m.sms_failed.labels(gid, "rejected").inc(rejected)
+        if permanent:
+            m.sms_failed.labels(gid, "permanent").inc(permanent)
+        if dead:
+            m.sms_failed.labels(gid, "dead").inc(len(dead))
+            m.dead_letters.labels(gid).inc()
+            log.error("DEAD LETTER: message %s to group %s was given up", message.id, gid)

@@ -1,0 +1,200 @@
+"""The receiver's own Prometheus metrics (prefix ``sms_receiver_``).
+
+Every collector lives on a registry owned by one :class:`Metrics` instance (no process-global
+state, so tests can run several receivers). Label sets are bounded — group ids from the config,
+fixed outcome and code tables, never a phone number or an alertname — and every known label value
+is initialised at start and on reload, so dashboards show 0 rather than "no data".
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from receiver import __version__
+
+SOURCES = ("alertmanager", "grafana", "send")
+WEBHOOK_OUTCOMES = (
+    "accepted", "duplicate", "invalid", "unauthorized", "too_large", "store_error",
+)
+ALERT_STATUSES = ("firing", "resolved")
+CLICKATELL_APIS = ("rest", "http", "one_api")
+REQUEST_OUTCOMES = ("ok", "transient", "config", "permanent")
+COMMON_HTTP_STATUSES = ("200", "202", "207", "400", "401", "402", "429", "500", "503", "none")
+# Error codes worth their own series; anything else is counted as "other".
+KNOWN_ERROR_CODES = (
+    "001", "007", "100", "101", "105", "106", "108", "113", "114", "121", "122", "123",
+    "130", "301", "901", "1", "2", "3", "7", "18", "19", "20", "21", "22", "23", "24", "25",
+    "26", "43", "45", "100", "http", "network", "other",
+)
+FAIL_REASONS = ("rejected", "permanent", "dead")
+DELIVERY_STATUSES = ("delivered", "undelivered", "in_progress", "unknown")
+REPLY_ACTIONS = ("recorded", "unknown_message")
+
+# SMS latencies: a Clickatell request takes 100 ms to a few seconds; a page from webhook to
+# Clickatell should take well under a second and must be visible when it takes minutes.
+REQUEST_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        p = "sms_receiver_"
+        self.webhooks = Counter(
+            p + "webhooks_received_total", "Webhook and /send requests by source and outcome.",
+            ["source", "outcome"], registry=r,
+        )
+        self.alerts = Counter(
+            p + "alerts_received_total", "Alerts received, by source and status.",
+            ["source", "status"], registry=r,
+        )
+        self.alerts_unrouted = Counter(
+            p + "alerts_unrouted_total",
+            "Alerts that matched no route and no default group, or that no matched group takes.",
+            ["source", "reason"], registry=r,
+        )
+        self.routed = Counter(
+            p + "notifications_routed_total", "Group messages created from notifications.",
+            ["group", "level"], registry=r,
+        )
+        self.template_failures = Counter(
+            p + "template_failures_total",
+            "Template renderings that failed and fell back to the plain text.",
+            ["group"], registry=r,
+        )
+        self.sms_sent = Counter(
+            p + "sms_sent_total", "SMS accepted by Clickatell, one per recipient.", ["group"], registry=r,
+        )
+        self.sms_parts = Counter(
+            p + "sms_parts_sent_total", "SMS parts accepted by Clickatell (what is billed).",
+            ["group"], registry=r,
+        )
+        self.sms_failed = Counter(
+            p + "sms_failed_total", "SMS that will not be sent, one per recipient, by reason.",
+            ["group", "reason"], registry=r,
+        )
+        self.sms_deduplicated = Counter(
+            p + "sms_deduplicated_total",
+            "Group messages not created because their notification was a replay.",
+            ["group"], registry=r,
+        )
+        self.sms_throttled = Counter(
+            p + "sms_throttled_total", "SMS held back by flood control.", ["group"], registry=r,
+        )
+        self.sms_dry_run = Counter(
+            p + "sms_dry_run_total", "SMS recorded but not sent because no API key is set.",
+            ["group"], registry=r,
+        )
+        self.dead_letters = Counter(
+            p + "dead_letters_total",
+            "Messages given up after dispatch.max_age without being accepted.",
+            ["group"], registry=r,
+        )
+        self.requests = Counter(
+            p + "clickatell_requests_total", "Requests to Clickatell by API, outcome and HTTP status.",
+            ["api", "outcome", "status_code"], registry=r,
+        )
+        self.clickatell_errors = Counter(
+            p + "clickatell_errors_total",
+            "Errors reported by Clickatell (global or per recipient) by code.",
+            ["code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            p + "clickatell_request_duration_seconds", "Duration of requests to Clickatell.",
+            ["api"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.delivery_latency = Histogram(
+            p + "delivery_latency_seconds",
+            "Time from the webhook being accepted to Clickatell accepting the SMS.",
+            buckets=DELIVERY_BUCKETS, registry=r,
+        )
+        self.outbox_pending = Gauge(
+            p + "outbox_pending_messages", "Messages waiting to be sent (pending or in flight).",
+            registry=r,
+        )
+        self.outbox_oldest_age = Gauge(
+            p + "outbox_oldest_pending_age_seconds", "Age of the oldest message waiting to be sent.",
+            registry=r,
+        )
+        self.outbox_messages = Gauge(
+            p + "outbox_messages", "Messages in the outbox by state.", ["state"], registry=r,
+        )
+        self.delivery_reports = Counter(
+            p + "delivery_reports_total", "Clickatell delivery reports by status.",
+            ["status"], registry=r,
+        )
+        self.replies = Counter(
+            p + "replies_total", "Inbound SMS replies by action taken.", ["action"], registry=r,
+        )
+        self.balance = Gauge(
+            p + "clickatell_balance", "Clickatell account balance, by account and currency.",
+            ["account", "currency"], registry=r,
+        )
+        self.balance_failures = Counter(
+            p + "clickatell_balance_poll_failures_total", "Balance polls that failed.",
+            ["account"], registry=r,
+        )
+        self.reload_ok = Gauge(
+            p + "config_last_reload_successful", "Whether the last configuration reload succeeded.",
+            registry=r,
+        )
+        self.reload_ts = Gauge(
+            p + "config_last_reload_success_timestamp_seconds",
+            "Timestamp of the last successful configuration reload.", registry=r,
+        )
+        self.dry_run = Gauge(
+            p + "dry_run", "1 when no Clickatell API key is configured and nothing is sent.",
+            registry=r,
+        )
+        self.dispatcher_last_run = Gauge(
+            p + "dispatcher_last_run_timestamp_seconds", "When the dispatcher loop last ran.",
+            registry=r,
+        )
+        Info(p + "build", "Build information.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        self._init_static()
+
+    def _init_static(self) -> None:
+        for source in SOURCES:
+            for outcome in WEBHOOK_OUTCOMES:
+                self.webhooks.labels(source, outcome)
+            for status in ALERT_STATUSES:
+                self.alerts.labels(source, status)
+            for reason in ("no_route", "filtered"):
+                self.alerts_unrouted.labels(source, reason)
+        for api in CLICKATELL_APIS:
+            self.request_duration.labels(api)
+            for outcome in REQUEST_OUTCOMES:
+                self.requests.labels(api, outcome, "202" if outcome == "ok" else "none")
+        for code in KNOWN_ERROR_CODES:
+            self.clickatell_errors.labels(code)
+        for status in DELIVERY_STATUSES:
+            self.delivery_reports.labels(status)
+        for action in REPLY_ACTIONS:
+            self.replies.labels(action)
+        for state in ("pending", "sending", "sent", "partial", "failed", "dead", "dry_run"):
+            self.outbox_messages.labels(state)
+
+    def init_groups(self, group_ids: Iterable[str], level_names: Iterable[str]) -> None:
+        """Create the zero series of every configured group (at start and after a reload)."""
+        levels = tuple(level_names)
+        for gid in group_ids:
+            for level in levels:
+                self.routed.labels(gid, level)
+            for c in (self.template_failures, self.sms_sent, self.sms_parts, self.sms_deduplicated,
+                      self.sms_throttled, self.sms_dry_run, self.dead_letters):
+                c.labels(gid)
+            for reason in FAIL_REASONS:
+                self.sms_failed.labels(gid, reason)
+
+    def error_code(self, code: str | None) -> str:
+        """The bounded label value for a Clickatell error code."""
+        return code if code in KNOWN_ERROR_CODES else "other"
+
+    def status_code(self, status: int | None) -> str:
+        return "none" if status is None else str(status) if 100 <= status <= 599 else "other"

@@ -1,0 +1,473 @@
+"""HTTP endpoints (PRODUCT.md): webhooks, ``/send``, callbacks, admin API, health, metrics.
+
+Webhook answers follow what Alertmanager does with them: 2xx only once the messages are durably
+stored (a replay is 2xx too and stores nothing), 5xx when they could not be stored so the sender
+retries, 4xx with a short JSON reason for input that can never be valid, and never 429.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from receiver import __version__
+from receiver.app import Receiver
+from receiver.auth import challenge, check_credentials, check_grafana_signature
+from receiver.callbacks import parse_status_callback
+from receiver.config import AdminAuth, parse_duration
+from receiver.ingest import InvalidPayload, SendItem, dedup_key, parse_send, parse_webhook
+from receiver.pipeline import plan_notification, plan_send
+from receiver.store import MESSAGE_STATES, MessageQuery, MessageRecord, StoreError
+
+log = logging.getLogger("sms_receiver.web")
+
+RECEIVER: web.AppKey[Receiver] = web.AppKey("receiver", Receiver)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)
+
+
+def _error(status: int, reason: str, **extra: Any) -> web.Response:
+    return _json({"status": "error", "error": reason, **extra}, status)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _unauthorized(auth: AdminAuth, realm: str) -> web.Response:
+    return _json(
+        {"status": "error", "error": "missing or wrong credentials"},
+        401,
+        headers={"WWW-Authenticate": challenge(auth, realm)},
+    )
+
+
+def admin(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        auth = request.app[RECEIVER].config.admin_auth
+        if not check_credentials(auth, request.headers.get("Authorization")):
+            return _unauthorized(auth, "sms-receiver admin")
+        return await handler(request)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# Webhooks
+
+
+async def _webhook(request: web.Request, source: Literal["alertmanager", "grafana"]) -> web.Response:
+    r = request.app[RECEIVER]
+    snap = r.snapshot
+    cfg = snap.config
+    m = r.metrics
+    start = r.clock.monotonic()
+
+    def done(outcome: str, response: web.Response, **fields: Any) -> web.Response:
+        m.webhooks.labels(source, outcome).inc()
+        level = logging.INFO if outcome in ("accepted", "duplicate") else logging.WARNING
+        details = " ".join(f"{k}={v}" for k, v in fields.items())
+        log.log(level, "webhook source=%s outcome=%s status=%d %s duration_ms=%.1f",
+                source, outcome, response.status, details, (r.clock.monotonic() - start) * 1000)
+        return response
+
+    if not check_credentials(cfg.webhook_auth, request.headers.get("Authorization")):
+        return done("unauthorized", _unauthorized(cfg.webhook_auth, "sms-receiver webhooks"))
+    body = await _read_body(request, cfg.max_body_bytes)
+    if body is None:
+        return done("too_large", _error(413, f"body larger than max_body_bytes ({cfg.max_body_bytes})"))
+    if source == "grafana":
+        problem = check_grafana_signature(cfg.webhook_auth, request.headers, body)
+        if problem:
+            return done("unauthorized", _unauthorized(cfg.webhook_auth, "sms-receiver webhooks"),
+                        reason=repr(problem))
+    try:
+        notification = parse_webhook(body, source)
+    except InvalidPayload as exc:
+        return done("invalid", _error(exc.status, exc.reason), reason=repr(exc.reason))
+    for alert in notification.alerts:
+        m.alerts.labels(source, alert.status.value).inc()
+
+    now = r.clock.now()
+    plan = plan_notification(notification, snap, now)
+    try:
+        result = await r.store.accept(
+            dedup_key(notification), source, now, cfg.dedup_window, plan.messages
+        )
+    except StoreError as exc:
+        return done("store_error", _error(503, "could not store the notification; retry"),
+                    error=repr(str(exc)))
+
+    groups = ",".join(msg.group_id for msg in plan.messages) or "-"
+    fields = {"alerts": len(notification.alerts), "group_key": repr(notification.group_key),
+              "groups": groups}
+    if result.duplicate:
+        for msg in plan.messages:
+            m.sms_deduplicated.labels(msg.group_id).inc()
+        return done("duplicate", _json({"status": "duplicate", "messages": []}), **fields)
+
+    r.dispatcher.wake()
+    for msg in plan.messages:
+        m.routed.labels(msg.group_id, msg.level).inc()
+        if msg.template_error:
+            m.template_failures.labels(msg.group_id).inc()
+            log.warning("template of group %s failed, fallback text used: %s",
+                        msg.group_id, msg.template_error)
+    if plan.routing.unrouted:
+        m.alerts_unrouted.labels(source, "no_route").inc(len(plan.routing.unrouted))
+        log.warning("%d alert(s) matched no route and no default group: %s",
+                    len(plan.routing.unrouted),
+                    ", ".join(a.labels.get("alertname", "?") for a in plan.routing.unrouted[:10]))
+    if plan.routing.filtered:
+        m.alerts_unrouted.labels(source, "filtered").inc(len(plan.routing.filtered))
+    return done(
+        "accepted",
+        _json({
+            "status": "accepted",
+            "messages": list(result.message_ids),
+            "unrouted": len(plan.routing.unrouted),
+            "filtered": len(plan.routing.filtered),
+        }),
+        **fields,
+    )
+
+
+async def alertmanager_webhook(request: web.Request) -> web.Response:
+    return await _webhook(request, "alertmanager")
+
+
+async def grafana_webhook(request: web.Request) -> web.Response:
+    return await _webhook(request, "grafana")
+
+
+@admin
+async def send(request: web.Request) -> web.Response:
+    r = request.app[RECEIVER]
+    snap = r.snapshot
+    cfg = snap.config
+    body = await _read_body(request, cfg.max_body_bytes)
+    if body is None:
+        r.metrics.webhooks.labels("send", "too_large").inc()
+        return _error(413, f"body larger than max_body_bytes ({cfg.max_body_bytes})")
+    try:
+        items = parse_send(body)
+    except InvalidPayload as exc:
+        r.metrics.webhooks.labels("send", "invalid").inc()
+        return _error(exc.status, exc.reason)
+
+    now = r.clock.now()
+    answers: list[dict[str, Any]] = []
+    messages = []
+    for i, item in enumerate(items):
+        error = _send_item_problem(item, cfg)
+        if error is not None:
+            gid = item.groupId if isinstance(item, SendItem) else None
+            answers.append({"index": i, "groupId": gid, "status": "rejected", "error": error})
+            continue
+        assert isinstance(item, SendItem)
+        msg = plan_send(item, snap, now)
+        messages.append(msg)
+        answers.append({
+            "index": i, "groupId": item.groupId, "status": "accepted", "messageId": msg.id,
+            "encoding": msg.sms.encoding, "parts": msg.sms.parts,
+            **({"templateError": msg.template_error} if msg.template_error else {}),
+        })
+    if not messages:
+        r.metrics.webhooks.labels("send", "invalid").inc()
+        return _json({"status": "error", "results": answers}, 422)
+    try:
+        await r.store.accept(f"send:{messages[0].id}", "send", now, 0.0, messages)
+    except StoreError:
+        r.metrics.webhooks.labels("send", "store_error").inc()
+        return _error(503, "could not store the messages; retry")
+    r.dispatcher.wake()
+    r.metrics.webhooks.labels("send", "accepted").inc()
+    for msg in messages:
+        r.metrics.routed.labels(msg.group_id, msg.level).inc()
+    partial = len(messages) < len(items)
+    log.info("send items=%d accepted=%d", len(items), len(messages))
+    return _json({"status": "partial" if partial else "accepted", "results": answers},
+                 207 if partial else 202)
+
+
+def _send_item_problem(item: SendItem | InvalidPayload, cfg: Any) -> str | None:
+    if isinstance(item, InvalidPayload):
+        return item.reason
+    if cfg.group(item.groupId) is None:
+        known = ", ".join(g.id for g in cfg.groups) or "none configured"
+        return f"unknown groupId {item.groupId!r} (groups: {known})"
+    if item.useTemplate and item.template is not None and item.template not in cfg.templates:
+        return f"unknown template {item.template!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Clickatell callbacks
+
+
+def _callback_allowed(request: web.Request) -> bool:
+    secret = request.app[RECEIVER].config.callbacks.secret.get_secret_value()
+    if not secret:
+        return True
+    given = request.query.get("secret", "") or request.headers.get("X-Callback-Secret", "")
+    return hmac.compare_digest(given.encode(), secret.encode())
+
+
+async def status_callback(request: web.Request) -> web.Response:
+    r = request.app[RECEIVER]
+    if not _callback_allowed(request):
+        return _error(401, "missing or wrong callback secret")
+    if request.method == "POST":
+        body = await _read_body(request, r.config.max_body_bytes)
+        if body is None:
+            return _error(413, "body too large")
+        ctype = request.content_type
+        fields: Any = dict(await request.post()) if ctype.endswith("form-urlencoded") else body
+    else:
+        fields = dict(request.query)
+    try:
+        reports = parse_status_callback(fields)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    now = r.clock.now()
+    for report in reports:
+        try:
+            found = await r.store.delivery_report(
+                report.api_message_id, report.status, report.final_state, now
+            )
+        except StoreError:
+            return _error(503, "could not store the delivery report; retry")
+        r.metrics.delivery_reports.labels(report.label if found else "unknown").inc()
+    return _json({"status": "ok", "reports": len(reports)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Admin API
+
+
+def _message_json(msg: MessageRecord) -> dict[str, Any]:
+    return {
+        "id": msg.id,
+        "createdAt": _iso(msg.created_at),
+        "source": msg.source,
+        "group": msg.group_id,
+        "level": msg.level,
+        "status": msg.status,
+        "text": msg.text,
+        "encoding": msg.encoding,
+        "parts": msg.parts,
+        "alertCount": msg.alert_count,
+        "state": msg.state,
+        "attempts": msg.attempts,
+        "nextAttemptAt": _iso(msg.next_attempt_at) if msg.state == "pending" else None,
+        "lastError": msg.last_error,
+        "acceptedAt": _iso(msg.accepted_at),
+        "templateError": msg.template_error,
+        "recipients": [
+            {
+                "number": rc.number,
+                "state": rc.state,
+                "clickatellMessageId": rc.api_message_id,
+                "errorCode": rc.error_code,
+                "error": rc.error,
+                "deliveryStatus": rc.delivery_status,
+            }
+            for rc in msg.recipients
+        ],
+    }
+
+
+_SINCE = re.compile(r"^\d+(\.\d+)?$")
+
+
+def _parse_since(value: str, now: float) -> float:
+    if _SINCE.match(value):
+        return float(value)
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        pass
+    return now - parse_duration(value)  # "1h": the last hour
+
+
+@admin
+async def list_messages(request: web.Request) -> web.Response:
+    r = request.app[RECEIVER]
+    q = request.query
+    state = q.get("status") or q.get("state")
+    if state and state not in MESSAGE_STATES:
+        return _error(400, f"unknown status {state!r} (one of {', '.join(MESSAGE_STATES)})")
+    try:
+        since = _parse_since(q["since"], r.clock.now()) if q.get("since") else None
+    except ValueError:
+        return _error(400, "since: expected RFC 3339 time, Unix seconds or a duration such as 1h")
+    try:
+        limit = int(q.get("limit", "100"))
+        if not 1 <= limit <= 1000:
+            raise ValueError
+    except ValueError:
+        return _error(400, "limit: expected a whole number from 1 to 1000")
+    try:
+        messages = await r.store.list_messages(
+            MessageQuery(group=q.get("group") or None, state=state, since=since, limit=limit)
+        )
+    except StoreError as exc:
+        return _error(503, f"store unavailable: {exc}")
+    return _json({"messages": [_message_json(msg) for msg in messages]})
+
+
+@admin
+async def get_message(request: web.Request) -> web.Response:
+    r = request.app[RECEIVER]
+    try:
+        msg = await r.store.get_message(request.match_info["id"])
+    except StoreError as exc:
+        return _error(503, f"store unavailable: {exc}")
+    if msg is None:
+        return _error(404, f"no message {request.match_info['id']!r}")
+    return _json(_message_json(msg))
+
+
+@admin
+async def list_groups(request: web.Request) -> web.Response:
+    cfg = request.app[RECEIVER].config
+    return _json({
+        "groups": [
+            {
+                "id": g.id,
+                "name": g.name,
+                "level": cfg.group_level(g),
+                "members": list(g.members),
+                "template": g.template,
+                "sendResolved": g.send_resolved,
+                "ownApiKey": bool(g.api_key.get_secret_value()),
+            }
+            for g in cfg.groups
+        ]
+    })
+
+
+@admin
+async def status(request: web.Request) -> web.Response:
+    r = request.app[RECEIVER]
+    cfg = r.config
+    try:
+        stats = await r.store.stats()
+        outbox: dict[str, Any] = {
+            "pending": stats.pending,
+            "oldestPendingAgeSeconds": (
+                None if stats.oldest_pending_created_at is None
+                else round(r.clock.now() - stats.oldest_pending_created_at, 3)
+            ),
+            "byState": stats.by_state,
+        }
+    except StoreError as exc:
+        outbox = {"error": str(exc)}
+    last = r.dispatcher.last_run
+    return _json({
+        "version": __version__,
+        "dryRun": cfg.dry_run,
+        "clickatell": {"api": cfg.clickatell.api, "baseUrl": cfg.clickatell.base_url,
+                       "from": cfg.clickatell.from_, "maxParts": cfg.clickatell.max_parts},
+        "groups": len(cfg.groups),
+        "routes": len(cfg.routes),
+        "outbox": outbox,
+        "dispatcher": {
+            "lastRunAgeSeconds": None if last is None else round(r.clock.monotonic() - last, 3),
+            "lastError": r.dispatcher.last_error,
+        },
+        "config": {
+            "lastReloadSuccessful": r.last_reload_ok,
+            "lastReloadSuccessTimestamp": _iso(r.last_reload_success),
+        },
+    })
+
+
+@admin
+async def reload(request: web.Request) -> web.Response:
+    errors = await request.app[RECEIVER].reload()
+    if errors:
+        return _json({"status": "error", "errors": errors}, 400)
+    return _json({"status": "success"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Health and metrics
+
+
+async def healthy(request: web.Request) -> web.Response:
+    return web.Response(text="sms-receiver is Healthy.\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    r = request.app[RECEIVER]
+    try:
+        await r.store.ping()
+    except StoreError as exc:
+        return web.Response(status=503, text=f"not ready: store: {exc}\n")
+    last = r.dispatcher.last_run
+    limit = max(5.0, 3 * r.config.dispatch.poll_interval)
+    if last is None or r.clock.monotonic() - last > limit:
+        return web.Response(status=503, text="not ready: the dispatcher loop is not running\n")
+    if r.dispatcher.last_error:
+        return web.Response(status=503, text=f"not ready: dispatcher: {r.dispatcher.last_error}\n")
+    return web.Response(text="sms-receiver is Ready.\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    r = request.app[RECEIVER]
+    try:
+        stats = await r.store.stats()
+    except StoreError:
+        pass  # the gauges keep their last values; readiness reports the store
+    else:
+        oldest = stats.oldest_pending_created_at
+        r.metrics.outbox_pending.set(stats.pending)
+        r.metrics.outbox_oldest_age.set(0 if oldest is None else max(0.0, r.clock.now() - oldest))
+        for state in MESSAGE_STATES:
+            r.metrics.outbox_messages.labels(state).set(stats.by_state.get(state, 0))
+    return web.Response(body=generate_latest(r.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(receiver: Receiver) -> web.Application:
+    """The aiohttp application; body limits are enforced per request from the live config."""
+    app = web.Application(client_max_size=1 << 30)
+    app[RECEIVER] = receiver
+    app.router.add_post("/webhook/alertmanager", alertmanager_webhook)
+    app.router.add_post("/webhook/grafana", grafana_webhook)
+    app.router.add_post("/send", send)
+    app.router.add_route("GET", "/callbacks/clickatell/status", status_callback)
+    app.router.add_route("POST", "/callbacks/clickatell/status", status_callback)
+    app.router.add_get("/api/v1/messages", list_messages)
+    app.router.add_get("/api/v1/messages/{id}", get_message)
+    app.router.add_get("/api/v1/groups", list_groups)
+    app.router.add_get("/api/v1/status", status)
+    app.router.add_post("/-/reload", reload)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,86 @@
+"""Fixtures: the project's fake Clickatell and the receiver, each a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from receiver.app import Receiver
+from receiver.fake_clickatell import FakeState, create_app as create_fake_app
+from receiver.web import create_app
+from tests.helpers import make_config
+
+API_KEY = "lPe91jCqTwGbErZ6OFeXjQ=="
+
+
+@dataclass
+class Fake:
+    url: str
+    state: FakeState
+
+    async def messages(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        async with http.get(f"{self.url}/_fake/messages") as resp:
+            return await resp.json()
+
+    async def mode(self, http: aiohttp.ClientSession, **mode: Any) -> None:
+        async with http.post(f"{self.url}/_fake/mode", json=mode) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+@dataclass
+class Running:
+    receiver: Receiver
+    url: str
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+@pytest.fixture
+async def fake(aiohttp_server) -> Fake:
+    state = FakeState(api_keys=None)
+    server = await aiohttp_server(create_fake_app(state), host="127.0.0.1")
+    return Fake(str(server.make_url("")).rstrip("/"), state)
+
+
+@pytest.fixture
+async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake):
+    """``await start_receiver(**config_overrides)`` → a running receiver sending to the fake."""
+    started: list[Receiver] = []
+
+    async def start(*, clickatell: dict[str, Any] | None = None, dispatch: dict[str, Any] | None = None,
+                    receiver_kwargs: dict[str, Any] | None = None, **overrides: Any) -> Running:
+        cfg = make_config(
+            storage=f"sqlite://{tmp_path}/outbox-{len(started)}.db",
+            clickatell={"api_key": API_KEY, "base_url": fake.url, "timeout": "2s", **(clickatell or {})},
+            dispatch={"retry_initial": "20ms", "retry_max": "100ms", "poll_interval": "50ms",
+                      **(dispatch or {})},
+            **overrides,
+        )
+        receiver = Receiver(cfg, **(receiver_kwargs or {}))
+        await receiver.start()
+        started.append(receiver)
+        server = await aiohttp_server(create_app(receiver), host="127.0.0.1")
+        return Running(receiver, str(server.make_url("")).rstrip("/"))
+
+    yield start
+    for receiver in started:
+        await receiver.stop()

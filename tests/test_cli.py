@@ -1,0 +1,63 @@
+"""The command line, run as a user runs it: a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "receiver", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, env={"PATH": "/usr/bin:/bin", **(env or {})})
+
+
+def test_check_config_ok():
+    r = cli("check-config", "config.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK" in r.stdout
+    assert "DRY-RUN" in r.stderr
+
+
+def test_check_config_lists_every_error(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups:\n  - {id: a, members: ['+1']}\nroutes:\n  - {matchers: ['x'], groups: [zz]}\nnope: 1\n")
+    r = cli("check-config", str(bad))
+    assert r.returncode == 1
+    lines = r.stdout.strip().splitlines()
+    assert any(line.startswith("groups.0.members.0: ") for line in lines)
+    assert any(line.startswith("routes.0.matchers.0: ") for line in lines)
+    assert "nope: unknown key" in lines
+
+
+def test_render_captured_alertmanager_payload_exactly():
+    r = cli("render", "--config", "config.yaml", "--payload", str(FIXTURES / "alertmanager-0.25-grouped-firing.json"),
+            "--json", "--now", "2026-11-22T20:40:00Z")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["source"] == "alertmanager" and out["dryRun"] is True
+    (db,) = out["messages"]  # DiskFull is warning: web-oncall (critical only) does not take it
+    assert db["group"] == "yer8agvrjl4b"
+    assert db["recipients"] == ["+886911960999", "+886911960998"]
+    assert db["text"] == ("[WARNING] FIRING 2: DiskFull db-1:9100 Disk / above 90% since 20:35; "
+                          "DiskFull db-2:9100 Disk / above 90% since 20:35")
+    assert db["encoding"] == "GSM-7" and db["parts"] == 1
+    assert out["filtered"] == []
+
+
+def test_render_human_output_and_grafana_guess():
+    r = cli("render", "--config", "config.yaml", "--payload", str(FIXTURES / "grafana-webhook-firing.json"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("source: grafana, 2 alert(s)")
+    assert "recipients: +886911960999, +886911960998" in r.stdout
+    assert "| [WARNING] FIRING 2: High memory usage" in r.stdout
+
+
+def test_render_bad_payload(tmp_path: Path):
+    p = tmp_path / "x.json"
+    p.write_text('{"alerts": [{"status": "firing"}]}')
+    r = cli("render", "--config", "config.yaml", "--payload", str(p))
+    assert r.returncode == 1
+    assert "alerts.0.labels: required" in r.stderr
