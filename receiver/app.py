@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from receiver.clickatell import ClickatellClient
+from receiver.clickatell import ClickatellClient, ClickatellError
 from receiver.clock import Clock, SystemClock
 from receiver.config import Config, ConfigError, config_warnings, load_config
 from receiver.dispatch import Dispatcher
@@ -69,6 +69,11 @@ class Receiver:
     def config(self) -> Config:
         return self._snapshot.config
 
+    def _init_metrics(self, cfg: Config) -> None:
+        self.metrics.init_groups((g.id for g in cfg.groups), cfg.level_names)
+        self.metrics.init_accounts(self.accounts(cfg))
+        self.metrics.dry_run.set(int(cfg.dry_run))
+
     def _new_client(self, cfg: Config) -> ClickatellClient:
         c = cfg.clickatell
         return ClickatellClient(
@@ -79,13 +84,45 @@ class Receiver:
         """Open the outbox and start the dispatcher (``dispatch=False``: accept only)."""
         await self.store.open()
         cfg = self.config
-        self.metrics.init_groups((g.id for g in cfg.groups), cfg.level_names)
-        self.metrics.dry_run.set(int(cfg.dry_run))
+        self._init_metrics(cfg)
         self._reloaded(True)
         for warning in config_warnings(cfg):
             log.warning("%s", warning)
         if dispatch:
             self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
+            self._tasks.append(asyncio.create_task(self._poll_balances(), name="balance"))
+
+    @staticmethod
+    def accounts(cfg: Config) -> dict[str, str]:
+        """Each distinct API key under a name that is safe to show: "default" for
+        ``clickatell.api_key``, else the id of the first group that uses it."""
+        out: dict[str, str] = {}
+        seen: set[str] = set()
+        for name, key in [("default", cfg.clickatell.api_key.get_secret_value())] + [
+            (g.id, g.api_key.get_secret_value()) for g in cfg.groups
+        ]:
+            if key and key not in seen:
+                seen.add(key)
+                out[name] = key
+        return out
+
+    async def poll_balances_once(self) -> None:
+        """Read every account's balance into ``sms_receiver_clickatell_balance``."""
+        for account, key in self.accounts(self.config).items():
+            try:
+                balance, currency = await self._client.balance(key)
+            except ClickatellError as exc:
+                self.metrics.balance_failures.labels(account).inc()
+                log.warning("balance poll for account %s failed: %s", account, exc)
+            else:
+                self.metrics.balance.labels(account, currency or "unknown").set(balance)
+
+    async def _poll_balances(self) -> None:
+        while True:
+            interval = self.config.clickatell.balance_interval
+            if interval > 0:
+                await self.poll_balances_once()
+            await asyncio.sleep(interval if interval > 0 else 60)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -118,8 +155,7 @@ class Receiver:
                 asyncio.get_running_loop().call_later(
                     old.clickatell.timeout + 1, lambda: asyncio.ensure_future(previous.aclose())
                 )
-            self.metrics.init_groups((g.id for g in new.groups), new.level_names)
-            self.metrics.dry_run.set(int(new.dry_run))
+            self._init_metrics(new)
             self._reloaded(True)
             for warning in config_warnings(new):
                 log.warning("%s", warning)

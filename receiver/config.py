@@ -215,6 +215,10 @@ class Config(_Model):
     def _storage(cls, v: str) -> str:
         if not (v.startswith("sqlite://") or v.startswith(("postgresql://", "postgres://"))):
             raise ValueError(f"{v!r}: expected sqlite:///path/to/file.db or postgresql://…")
+        if v.startswith("sqlite://"):
+            from receiver.store import sqlite_options  # the store owns its URL's options
+
+            sqlite_options(v)
         return v
 
     @field_validator("templates", mode="after")

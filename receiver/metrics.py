@@ -27,7 +27,7 @@ COMMON_HTTP_STATUSES = ("200", "202", "207", "400", "401", "402", "429", "500", 
 KNOWN_ERROR_CODES = (
     "001", "007", "100", "101", "105", "106", "108", "113", "114", "121", "122", "123",
     "130", "301", "901", "1", "2", "3", "7", "18", "19", "20", "21", "22", "23", "24", "25",
-    "26", "43", "45", "100", "http", "network", "other",
+    "26", "43", "45", "http", "network", "other",
 )
 FAIL_REASONS = ("rejected", "permanent", "dead")
 DELIVERY_STATUSES = ("delivered", "undelivered", "in_progress", "unknown")
@@ -191,6 +191,10 @@ class Metrics:
                 c.labels(gid)
             for reason in FAIL_REASONS:
                 self.sms_failed.labels(gid, reason)
+
+    def init_accounts(self, accounts: Iterable[str]) -> None:
+        for account in accounts:
+            self.balance_failures.labels(account)
 
     def error_code(self, code: str | None) -> str:
         """The bounded label value for a Clickatell error code."""

@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+from urllib.parse import parse_qsl, urlsplit
 
+from receiver.config import parse_duration
 from receiver.models import NewMessage
 
 MessageState = Literal["pending", "sending", "sent", "partial", "failed", "dead", "dry_run"]
@@ -148,11 +150,28 @@ def open_store(url: str) -> Store:
     if url.startswith("sqlite://"):
         from receiver.store.sqlite import SQLiteStore
 
-        return SQLiteStore(sqlite_path(url))
+        try:
+            options = sqlite_options(url)
+        except ValueError as exc:
+            raise StoreError(f"storage: {exc}") from None
+        return SQLiteStore(sqlite_path(url), **options)
     raise StoreError(f"storage {url.split('://')[0]}:// is not supported yet (use sqlite://)")
 
 
 def sqlite_path(url: str) -> str:
-    """``sqlite:///var/lib/x.db`` → ``/var/lib/x.db``; ``sqlite://data/x.db`` → ``data/x.db``."""
-    rest = url.removeprefix("sqlite://")
+    """``sqlite:///var/lib/x.db`` → ``/var/lib/x.db``; ``sqlite://data/x.db`` → ``data/x.db``.
+
+    Options go in the query: ``?busy_timeout=500ms`` (how long a write waits for a lock held by
+    another process before the store counts as unavailable; default 5s)."""
+    rest = url.removeprefix("sqlite://").split("?", 1)[0]
     return rest or ":memory:"
+
+
+def sqlite_options(url: str) -> dict[str, float]:
+    """The keyword options of :class:`~receiver.store.sqlite.SQLiteStore` in a URL's query;
+    raise ``ValueError`` naming an unknown or malformed one."""
+    raw = dict(parse_qsl(urlsplit(url).query)) if "?" in url else {}
+    unknown = set(raw) - {"busy_timeout"}
+    if unknown:
+        raise ValueError(f"unknown sqlite option(s): {', '.join(sorted(unknown))} (known: busy_timeout)")
+    return {name: parse_duration(value) for name, value in raw.items()}
