@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()  # process-wide: no "_created" twin of every counter and histogram
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
@@ -29,6 +30,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+_KEY_IN_URL = re.compile(r"(apiKey=)[^&\s\"']+")
+
+
+class RedactKeys(logging.Filter):
+    """Belt and braces: should a library log a Clickatell HTTP-API URL, its key is hidden."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "apiKey=" in message:
+            record.msg, record.args = _KEY_IN_URL.sub(r"\1REDACTED", message), None
+        return True
+
+
 def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Configure the root logger once for the process (the CLI calls this; tests do not)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -36,6 +50,7 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(RedactKeys())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

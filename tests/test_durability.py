@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,9 @@ import yaml
 
 from tests.conftest import API_KEY, Fake, eventually
 from tests.helpers import BASE, fixture
+from tests.tools import free_port
 
 ROOT = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ReceiverProcess:
