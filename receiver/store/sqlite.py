@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS messages (
     updated_at      REAL NOT NULL,
     accepted_at     REAL
 );
-CREATE INDEX IF NOT EXISTS messages_due ON messages(state, next_attempt_at);
+-- claim walks these in order and stops at its LIMIT: no sort of the whole backlog
+CREATE INDEX IF NOT EXISTS messages_due ON messages(state, priority, next_attempt_at);
+CREATE INDEX IF NOT EXISTS messages_lease ON messages(state, lease_until);
 CREATE INDEX IF NOT EXISTS messages_created ON messages(created_at);
 CREATE TABLE IF NOT EXISTS recipients (
     message_id      TEXT NOT NULL,
@@ -246,19 +248,24 @@ class SQLiteStore:
 
     async def claim(self, now: float, limit: int, lease: float) -> list[MessageRecord]:
         def op(conn: sqlite3.Connection) -> list[MessageRecord]:
+            due = [r[0] for r in conn.execute(
+                "SELECT id FROM messages WHERE state='pending' AND next_attempt_at<=? "
+                "ORDER BY priority, next_attempt_at LIMIT ?", (now, limit),
+            )]
+            if len(due) < limit:  # leases that ran out: their sender died mid-send
+                due += [r[0] for r in conn.execute(
+                    "SELECT id FROM messages WHERE state='sending' AND lease_until<=? "
+                    "ORDER BY lease_until LIMIT ?", (now, limit - len(due)),
+                )]
+            if not due:
+                return []
             rows = conn.execute(
                 f"UPDATE messages SET state='sending', lease_until=?, attempts=attempts+1, "
-                f"updated_at=? WHERE id IN ("
-                f" SELECT id FROM ("
-                f"  SELECT id, priority, next_attempt_at FROM messages"
-                f"   WHERE state='pending' AND next_attempt_at<=?"
-                f"  UNION ALL"
-                f"  SELECT id, priority, next_attempt_at FROM messages"
-                f"   WHERE state='sending' AND lease_until<=?)"
-                f" ORDER BY priority, next_attempt_at LIMIT ?)"
-                f" RETURNING {_MESSAGE_COLUMNS}",
-                (now + lease, now, now, now, limit),
+                f"updated_at=? WHERE id IN ({','.join('?' * len(due))}) "
+                f"RETURNING {_MESSAGE_COLUMNS}",
+                (now + lease, now, *due),
             ).fetchall()
+            rows.sort(key=lambda r: (r[14], r[12]))  # priority, next_attempt_at
             return _with_recipients(conn, rows)
 
         return await self._write(op)
