@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from functools import cached_property
 from collections.abc import Mapping
+from datetime import time as TimeOfDay
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -137,9 +138,74 @@ class ClickatellConfig(_Model):
         return v.rstrip("/")
 
 
+class Delivery(_Model):
+    """A level's delivery policy: ``immediate``, ``{digest: 15m}`` or ``none``."""
+
+    mode: Literal["immediate", "digest", "none"] = "immediate"
+    window: float = 0.0  # digest only: one summary per group per aligned window
+
+    def __str__(self) -> str:
+        return f"digest {format_duration(self.window)}" if self.mode == "digest" else self.mode
+
+
+def _delivery(value: Any) -> Delivery:
+    if isinstance(value, Delivery):
+        return value
+    if value in ("immediate", "none"):
+        return Delivery(mode=value)
+    if isinstance(value, dict) and set(value) == {"digest"}:
+        window = parse_duration(value["digest"])
+        if window <= 0:
+            raise ValueError("a digest window must be longer than 0s")
+        return Delivery(mode="digest", window=window)
+    raise ValueError(f"{value!r}: expected immediate, none or {{digest: 15m}}")
+
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _time_of_day(value: Any) -> TimeOfDay:
+    # Unquoted 22:00 is the integer 1320 to YAML 1.1 (base 60): read it back as 22:00.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 24 * 60:
+        return TimeOfDay(value // 60, value % 60)
+    m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", str(value).strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a time of day such as 22:00")
+    return TimeOfDay(int(m[1]), int(m[2]))
+
+
+def _day(value: Any) -> int:
+    day = str(value).strip().lower()[:3]
+    if day not in _DAYS:
+        raise ValueError(f"{value!r} is not a day (mon, tue, wed, thu, fri, sat, sun)")
+    return _DAYS.index(day)
+
+
+def _timezone(value: Any) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone such as Europe/Berlin") from None
+    return str(value)
+
+
 class Level(_Model):
     name: str = Field(min_length=1)
     severities: tuple[str, ...] = ()
+    delivery: Annotated[Delivery, BeforeValidator(_delivery)] = Delivery()
+
+
+class QuietHours(_Model):
+    """A nightly (or weekend) window in which only urgent pages go out; the rest is held and
+    summarised when it ends. ``days`` are the days a quiet period *starts* on."""
+
+    timezone: Annotated[str, BeforeValidator(_timezone)]
+    start: Annotated[TimeOfDay, BeforeValidator(_time_of_day)]
+    end: Annotated[TimeOfDay, BeforeValidator(_time_of_day)]
+    days: tuple[Annotated[int, BeforeValidator(_day)], ...] = tuple(range(7))
+    min_level: str | None = None  # least urgent level that still pages; None: the most urgent
 
 
 class Group(_Model):
@@ -150,6 +216,7 @@ class Group(_Model):
     template: str = "default"
     send_resolved: bool = True
     api_key: SecretStr = SecretStr("")
+    quiet_hours: QuietHours | None = None
 
 
 class Route(_Model):
@@ -168,6 +235,26 @@ class DispatchConfig(_Model):
     max_age: Duration = 3600.0  # a page not accepted by then becomes a dead letter
     lease: Duration = 60.0  # how long a claimed message is ours before another worker may retry it
     poll_interval: Duration = 1.0
+
+
+class ThrottleRule(_Model):
+    count: int = Field(ge=1)
+    window: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+# GoAlert's per-number limits: 1 SMS a minute, 5 in 15 minutes, 11 an hour, 21 in 3 hours.
+DEFAULT_THROTTLE = (
+    ThrottleRule(count=1, window=60), ThrottleRule(count=5, window=900),
+    ThrottleRule(count=11, window=3600), ThrottleRule(count=21, window=10800),
+)
+
+
+class PagingConfig(_Model):
+    """Flood control per recipient number (our own section)."""
+
+    throttle: tuple[ThrottleRule, ...] = DEFAULT_THROTTLE  # every rule must allow a send; [] = off
+    urgent_level: str | None = None  # this level or more urgent is held at most urgent_max_delay
+    urgent_max_delay: Duration = 60.0
 
 
 class CallbacksConfig(_Model):
@@ -209,6 +296,8 @@ class Config(_Model):
     log_format: Literal["text", "json"] = "text"
     dispatch: DispatchConfig = DispatchConfig()
     callbacks: CallbacksConfig = CallbacksConfig()
+    paging: PagingConfig = PagingConfig()
+    retention: Duration = 7 * 86400.0  # finished messages older than this are deleted
 
     @field_validator("storage")
     @classmethod
@@ -249,6 +338,14 @@ class Config(_Model):
 
     def group_level(self, group: Group) -> str:
         return group.level or self.levels[0].name
+
+    def delivery(self, level: str) -> Delivery:
+        return self.levels[self._ranks[level]].delivery
+
+    @property
+    def urgent_rank(self) -> int:
+        """Levels of this rank or lower (more urgent) are never held past urgent_max_delay."""
+        return self.level_rank(self.paging.urgent_level or self.levels[0].name)
 
     @property
     def dry_run(self) -> bool:
@@ -367,6 +464,18 @@ def _cross_check(cfg: Config) -> list[str]:
             )
         if len(set(group.members)) != len(group.members):
             errors.append(f"groups.{i}.members: the same number is listed twice")
+        qh = group.quiet_hours
+        if qh is not None:
+            if qh.min_level is not None and qh.min_level not in names:
+                errors.append(f"groups.{i}.quiet_hours.min_level: unknown level {qh.min_level!r} "
+                              f"(levels: {', '.join(names)})")
+            if qh.start == qh.end:
+                errors.append(f"groups.{i}.quiet_hours: start and end are the same time")
+            if not qh.days:
+                errors.append(f"groups.{i}.quiet_hours.days: name at least one day")
+    if cfg.paging.urgent_level is not None and cfg.paging.urgent_level not in names:
+        errors.append(f"paging.urgent_level: unknown level {cfg.paging.urgent_level!r} "
+                      f"(levels: {', '.join(names)})")
 
     for i, route in enumerate(cfg.routes):
         for j, gid in enumerate(route.groups):

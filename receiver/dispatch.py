@@ -31,10 +31,13 @@ from receiver.clock import Clock
 from receiver.config import format_duration
 from receiver.metrics import Metrics
 from receiver.phone import mask, msisdn
-from receiver.pipeline import Snapshot
-from receiver.store import MessageRecord, RecipientUpdate, Store, StoreError
+from receiver.pipeline import Snapshot, new_message_id
+from receiver.store import MessageRecord, RecipientUpdate, Released, Store, StoreError
 
 log = logging.getLogger("sms_receiver.dispatch")
+
+# How often held messages are looked at: the granularity of digests, quiet hours and bundles.
+RELEASE_INTERVAL = 1.0
 
 # The order in which a batch's request-level outcomes win when they differ.
 _SEVERITY = {Kind.OK: 0, Kind.TRANSIENT: 1, Kind.CONFIG: 2, Kind.PERMANENT: 3}
@@ -90,6 +93,7 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self.last_run: float | None = None  # monotonic time of the last loop pass (readiness)
         self.last_error: str | None = None  # the store error of the last pass, if any
+        self._next_release = float("-inf")  # clock time of the next look at held messages
 
     def wake(self) -> None:
         """New messages were stored: look now rather than at the next poll."""
@@ -113,26 +117,50 @@ class Dispatcher:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
 
     async def run_once(self) -> int:
-        """One pass: claim what is due and start sending it. Returns how many were claimed."""
+        """One pass: release what holds are due (at most once a second), claim what is due and
+        start sending it. Returns how many were claimed."""
         self.last_run = self._clock.monotonic()
-        self._metrics.dispatcher_last_run.set(self._clock.now())
-        cfg = self._snapshot().config.dispatch
+        now = self._clock.now()
+        self._metrics.dispatcher_last_run.set(now)
+        snap = self._snapshot()
+        cfg = snap.config.dispatch
         room = cfg.concurrency - len(self._inflight)
         if room <= 0:
             return 0
+        throttled: dict[str, int] = {}
         try:
-            claimed = await self._store.claim(self._clock.now(), room, cfg.lease)
+            if now >= self._next_release:
+                self._next_release = now + RELEASE_INTERVAL
+                self._released(await self._store.release(
+                    now, snap.throttle, snap.config.clickatell.max_parts, new_message_id
+                ))
+            claimed = await self._store.claim(now, room, cfg.lease, snap.throttle, throttled)
         except StoreError as exc:
             if self.last_error is None:
                 log.error("dispatcher cannot claim messages: %s", exc)
             self.last_error = str(exc)
             return 0
         self.last_error = None
+        for gid, n in throttled.items():
+            self._metrics.sms_throttled.labels(gid).inc(n)
         for message in claimed:
             task = asyncio.create_task(self._deliver(message))
             self._inflight.add(task)
             task.add_done_callback(self._done)
         return len(claimed)
+
+    def _released(self, released: list[Released]) -> None:
+        m = self._metrics
+        for r in released:
+            m.collapsed.labels(r.kind).inc(r.collapsed)
+            if r.message_id is None:
+                log.info("%s for group %s: all %d held alert(s) resolved meanwhile, nothing sent",
+                         r.kind, r.group_id, r.alerts)
+                continue
+            m.summaries.labels(r.kind).inc()
+            m.summary_size.labels(r.kind).observe(r.alerts)
+            log.info("%s %s for group %s: %d held message(s), %d alert(s), %d collapsed",
+                     r.kind, r.message_id, r.group_id, r.held_messages, r.alerts, r.collapsed)
 
     async def drain(self) -> None:
         """Wait for the sends in flight (tests, shutdown)."""

@@ -36,6 +36,9 @@ REPLY_ACTIONS = ("recorded", "unknown_message")
 # SMS latencies: a Clickatell request takes 100 ms to a few seconds; a page from webhook to
 # Clickatell should take well under a second and must be visible when it takes minutes.
 REQUEST_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SUMMARY_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+SUMMARY_KINDS = ("bundle", "digest", "quiet_hours")
+HOLD_REASONS = ("digest", "quiet_hours")
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -83,7 +86,35 @@ class Metrics:
             ["group"], registry=r,
         )
         self.sms_throttled = Counter(
-            p + "sms_throttled_total", "SMS held back by flood control.", ["group"], registry=r,
+            p + "sms_throttled_total", "SMS to one number held back by the per-number throttle (they go out in a bundle).", ["group"], registry=r,
+        )
+        self.held = Counter(
+            p + "messages_held_total",
+            "Group messages held at accept, to go out in one summary later, by reason.",
+            ["group", "reason"], registry=r,
+        )
+        self.suppressed = Counter(
+            p + "messages_suppressed_total",
+            "Group messages recorded but never sent (their level's delivery is none).",
+            ["group"], registry=r,
+        )
+        self.summaries = Counter(
+            p + "summaries_total",
+            "Summary SMS made from held messages: bundle (throttle, per number), digest, "
+            "quiet_hours (per group).", ["kind"], registry=r,
+        )
+        self.summary_size = Histogram(
+            p + "summary_alerts", "Alerts a summary SMS accounts for (named or counted).",
+            ["kind"], buckets=SUMMARY_BUCKETS, registry=r,
+        )
+        self.collapsed = Counter(
+            p + "alerts_collapsed_total",
+            "Held alerts that fired and resolved before they went out: one line, or nothing.",
+            ["kind"], registry=r,
+        )
+        self.held_recipients = Gauge(
+            p + "outbox_held_recipients", "Recipients of messages held by the throttle right now.",
+            registry=r,
         )
         self.sms_dry_run = Counter(
             p + "sms_dry_run_total", "SMS recorded but not sent because no API key is set.",
@@ -177,8 +208,14 @@ class Metrics:
             self.delivery_reports.labels(status)
         for action in REPLY_ACTIONS:
             self.replies.labels(action)
-        for state in ("pending", "sending", "sent", "partial", "failed", "dead", "dry_run"):
+        from receiver.store import MESSAGE_STATES
+
+        for state in MESSAGE_STATES:
             self.outbox_messages.labels(state)
+        for kind in SUMMARY_KINDS:
+            self.summaries.labels(kind)
+            self.summary_size.labels(kind)
+            self.collapsed.labels(kind)
 
     def init_groups(self, group_ids: Iterable[str], level_names: Iterable[str]) -> None:
         """Create the zero series of every configured group (at start and after a reload)."""
@@ -187,8 +224,10 @@ class Metrics:
             for level in levels:
                 self.routed.labels(gid, level)
             for c in (self.template_failures, self.sms_sent, self.sms_parts, self.sms_deduplicated,
-                      self.sms_throttled, self.sms_dry_run, self.dead_letters):
+                      self.sms_throttled, self.sms_dry_run, self.dead_letters, self.suppressed):
                 c.labels(gid)
+            for reason in HOLD_REASONS:
+                self.held.labels(gid, reason)
             for reason in FAIL_REASONS:
                 self.sms_failed.labels(gid, reason)
 

@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-Source = Literal["alertmanager", "grafana", "send"]
+Source = Literal["alertmanager", "grafana", "send", "summary"]  # summary: of held messages
 Encoding = Literal["GSM-7", "UCS-2"]
 
 
@@ -82,6 +82,25 @@ class SmsText:
 
 
 @dataclass(frozen=True, slots=True)
+class Item:
+    """One alert of a message, as a summary names it."""
+
+    key: str  # identity across messages: the fingerprint, or a hash of the labels
+    name: str  # "DiskFull db-1"
+    level: str
+    priority: int
+    status: str  # firing | resolved
+
+    def to_list(self) -> list[str | int]:
+        return [self.key, self.name, self.level, self.priority, self.status]
+
+    @classmethod
+    def from_list(cls, raw: Sequence[str | int]) -> Item:
+        key, name, level, priority, status = raw
+        return cls(str(key), str(name), str(level), int(priority), str(status))
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message to be stored in the outbox: one text for one group's recipients."""
 
@@ -95,3 +114,8 @@ class NewMessage:
     alert_count: int
     priority: int = 0  # the level's rank: 0 is the most urgent, sent first
     template_error: str | None = None
+    items: tuple[Item, ...] = ()  # its alerts, as a summary would name them
+    hold_reason: str | None = None  # held at accept (digest, quiet hours) ...
+    hold_until: float | None = None  # ... until then
+    suppressed: bool = False  # delivery: none: recorded, never sent
+    admitted: bool = False  # already cleared by the throttle (a bundle)

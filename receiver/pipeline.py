@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from receiver.config import Config
 from receiver.encoding import fit
 from receiver.ingest import SendItem, send_notification
 from receiver.models import AlertStatus, GroupDelivery, NewMessage, Notification
+from receiver.paging import Policy, Throttle, policy_for
 from receiver.render import Renderer, build_context
-from receiver.routing import RoutingResult, route
+from receiver.routing import RoutingResult, alert_level, route
+from receiver.summary import alert_item
 
 IdSource = Callable[[float], str]
 
@@ -32,10 +34,11 @@ class Snapshot:
 
     config: Config
     renderer: Renderer
+    throttle: Throttle
 
     @classmethod
     def build(cls, config: Config) -> Snapshot:
-        return cls(config, Renderer(config.templates))
+        return cls(config, Renderer(config.templates), Throttle.from_config(config))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +54,25 @@ def plan_notification(
     cfg = snap.config
     routing = route(notification, cfg)
     messages = tuple(
-        _message(notification, delivery, snap, now, new_id) for delivery in routing.deliveries
+        with_policy(_message(notification, delivery, snap, now, new_id), snap, now)
+        for delivery in routing.deliveries
     )
     return Plan(messages, routing)
+
+
+def policy(message: NewMessage, snap: Snapshot, now: float) -> Policy:
+    """The paging policy (immediate, digest, quiet hours, none) that applies to a new message."""
+    cfg = snap.config
+    return policy_for(cfg, cfg.groups_by_id[message.group_id], message.level, now)
+
+
+def with_policy(message: NewMessage, snap: Snapshot, now: float) -> NewMessage:
+    p = policy(message, snap, now)
+    if p.kind == "none":
+        return replace(message, suppressed=True, hold_reason=p.reason)
+    if p.until is not None:
+        return replace(message, hold_reason=p.reason, hold_until=p.until)
+    return message
 
 
 def _message(
@@ -82,6 +101,11 @@ def _message(
         alert_count=len(delivery.alerts),
         priority=cfg.level_rank(delivery.level),
         template_error=rendered.error,
+        items=tuple(
+            alert_item(a, lvl, cfg.level_rank(lvl))
+            for a in delivery.alerts
+            for lvl in (alert_level(a, cfg),)
+        ),
     )
 
 
@@ -99,8 +123,8 @@ def plan_send(
     notification = send_notification(item)
     delivery = GroupDelivery(group.id, level, AlertStatus.FIRING, ())
     if item.useTemplate:
-        return _message(notification, delivery, snap, now, new_id, item.template)
-    return NewMessage(
+        return with_policy(_message(notification, delivery, snap, now, new_id, item.template), snap, now)
+    return with_policy(NewMessage(
         id=new_id(now),
         group_id=group.id,
         level=level,
@@ -110,4 +134,4 @@ def plan_send(
         source="send",
         alert_count=0,
         priority=cfg.level_rank(level),
-    )
+    ), snap, now)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ from receiver.app import Receiver
 from receiver.auth import challenge, check_credentials, check_grafana_signature
 from receiver.callbacks import parse_status_callback
 from receiver.config import AdminAuth, parse_duration
+from receiver.models import NewMessage
 from receiver.ingest import InvalidPayload, SendItem, dedup_key, parse_send, parse_webhook
 from receiver.pipeline import plan_notification, plan_send
 from receiver.store import MESSAGE_STATES, MessageQuery, MessageRecord, StoreError
@@ -130,12 +131,7 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
         return done("duplicate", _json({"status": "duplicate", "messages": []}), **fields)
 
     r.dispatcher.wake()
-    for msg in plan.messages:
-        m.routed.labels(msg.group_id, msg.level).inc()
-        if msg.template_error:
-            m.template_failures.labels(msg.group_id).inc()
-            log.warning("template of group %s failed, fallback text used: %s",
-                        msg.group_id, msg.template_error)
+    _count_planned(r, plan.messages)
     if plan.routing.unrouted:
         m.alerts_unrouted.labels(source, "no_route").inc(len(plan.routing.unrouted))
         log.warning("%d alert(s) matched no route and no default group: %s",
@@ -153,6 +149,21 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
         }),
         **fields,
     )
+
+
+def _count_planned(r: Receiver, messages: Sequence[NewMessage]) -> None:
+    m = r.metrics
+    for msg in messages:
+        m.routed.labels(msg.group_id, msg.level).inc()
+        if msg.suppressed:
+            m.suppressed.labels(msg.group_id).inc()
+        elif msg.hold_reason:
+            m.held.labels(msg.group_id, "quiet_hours" if msg.hold_reason == "quiet hours"
+                          else "digest").inc()
+        if msg.template_error:
+            m.template_failures.labels(msg.group_id).inc()
+            log.warning("template of group %s failed, fallback text used: %s",
+                        msg.group_id, msg.template_error)
 
 
 async def alertmanager_webhook(request: web.Request) -> web.Response:
@@ -205,8 +216,7 @@ async def send(request: web.Request) -> web.Response:
         return _error(503, "could not store the messages; retry")
     r.dispatcher.wake()
     r.metrics.webhooks.labels("send", "accepted").inc()
-    for msg in messages:
-        r.metrics.routed.labels(msg.group_id, msg.level).inc()
+    _count_planned(r, messages)
     partial = len(messages) < len(items)
     log.info("send items=%d accepted=%d", len(items), len(messages))
     return _json({"status": "partial" if partial else "accepted", "results": answers},
@@ -282,10 +292,13 @@ def _message_json(msg: MessageRecord) -> dict[str, Any]:
         "alertCount": msg.alert_count,
         "state": msg.state,
         "attempts": msg.attempts,
-        "nextAttemptAt": _iso(msg.next_attempt_at) if msg.state == "pending" else None,
+        "nextAttemptAt": _iso(msg.next_attempt_at) if msg.state in ("pending", "held") else None,
         "lastError": msg.last_error,
         "acceptedAt": _iso(msg.accepted_at),
         "templateError": msg.template_error,
+        "heldFor": msg.hold_reason,  # digest …, quiet hours, throttle, delivery none
+        "bundleId": msg.bundle_id,  # the summary SMS it went out in
+        "alerts": [{"name": i.name, "level": i.level, "status": i.status} for i in msg.items],
         "recipients": [
             {
                 "number": rc.number,
@@ -294,6 +307,8 @@ def _message_json(msg: MessageRecord) -> dict[str, Any]:
                 "errorCode": rc.error_code,
                 "error": rc.error,
                 "deliveryStatus": rc.delivery_status,
+                "heldUntil": _iso(rc.hold_until) if rc.state == "held" else None,
+                "bundleId": rc.bundle_id,
             }
             for rc in msg.recipients
         ],
@@ -449,6 +464,7 @@ async def metrics(request: web.Request) -> web.Response:
         r.metrics.outbox_oldest_age.set(0 if oldest is None else max(0.0, r.clock.now() - oldest))
         for state in MESSAGE_STATES:
             r.metrics.outbox_messages.labels(state).set(stats.by_state.get(state, 0))
+        r.metrics.held_recipients.set(stats.held_recipients)
     return web.Response(body=generate_latest(r.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -67,16 +67,17 @@ async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake):
     started: list[Receiver] = []
 
     async def start(*, clickatell: dict[str, Any] | None = None, dispatch: dict[str, Any] | None = None,
-                    receiver_kwargs: dict[str, Any] | None = None, **overrides: Any) -> Running:
+                    receiver_kwargs: dict[str, Any] | None = None, run_dispatcher: bool = True,
+                    db: str | None = None, **overrides: Any) -> Running:
         cfg = make_config(
-            storage=f"sqlite://{tmp_path}/outbox-{len(started)}.db",
+            storage=f"sqlite://{tmp_path}/{db or f'outbox-{len(started)}.db'}",
             clickatell={"api_key": API_KEY, "base_url": fake.url, "timeout": "2s", **(clickatell or {})},
             dispatch={"retry_initial": "20ms", "retry_max": "100ms", "poll_interval": "50ms",
                       **(dispatch or {})},
             **overrides,
         )
         receiver = Receiver(cfg, **(receiver_kwargs or {}))
-        await receiver.start()
+        await receiver.start(dispatch=run_dispatcher)  # False: the test drives the dispatcher
         started.append(receiver)
         server = await aiohttp_server(create_app(receiver), host="127.0.0.1")
         return Running(receiver, str(server.make_url("")).rstrip("/"))

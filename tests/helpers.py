@@ -29,6 +29,9 @@ BASE: dict[str, Any] = {
         {"matchers": ['job="node"'], "groups": ["web"]},
     ],
     "default_groups": ["info"],
+    # Flood control off: these tests page the same numbers many times a second on purpose.
+    # tests/test_paging*.py turn it on.
+    "paging": {"throttle": []},
 }
 
 

@@ -12,18 +12,28 @@ Contract shared by every implementation:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from receiver.config import parse_duration
-from receiver.models import NewMessage
+from receiver.models import Item, NewMessage
+from receiver.paging import Throttle
 
-MessageState = Literal["pending", "sending", "sent", "partial", "failed", "dead", "dry_run"]
-RecipientState = Literal["pending", "accepted", "failed", "delivered", "undelivered", "dry_run"]
+MessageState = Literal[
+    "pending", "sending", "sent", "partial", "failed", "dead", "dry_run",
+    "held", "suppressed", "bundled", "collapsed",
+]
+RecipientState = Literal[
+    "pending", "accepted", "failed", "delivered", "undelivered", "dry_run",
+    "held", "suppressed", "bundled", "collapsed",
+]
+# held: waiting for a digest, quiet hours or the throttle; suppressed: delivery none;
+# bundled: folded into the summary message ``bundle_id``; collapsed: fired and resolved while held.
 MESSAGE_STATES: tuple[MessageState, ...] = (
     "pending", "sending", "sent", "partial", "failed", "dead", "dry_run",
+    "held", "suppressed", "bundled", "collapsed",
 )
 
 
@@ -40,6 +50,9 @@ class RecipientRecord:
     error: str | None = None
     delivery_status: str | None = None
     updated_at: float = 0.0
+    hold_until: float | None = None  # held by the throttle until then
+    bundle_id: str | None = None  # the summary message it went out in
+    admitted: bool = False  # the throttle cleared it (retries are not throttled again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +75,9 @@ class MessageRecord:
     template_error: str | None = None
     last_error: str | None = None
     accepted_at: float | None = None
+    hold_reason: str | None = None  # "digest 15m", "quiet hours", "throttle"
+    bundle_id: str | None = None  # the summary message it went out in
+    items: tuple[Item, ...] = ()
     recipients: tuple[RecipientRecord, ...] = ()
 
     @property
@@ -89,6 +105,19 @@ class OutboxStats:
     pending: int  # pending or being sent
     oldest_pending_created_at: float | None
     by_state: dict[str, int] = field(default_factory=dict)
+    held_recipients: int = 0  # (message, number) pairs held by the throttle
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """One summary made from held messages (``message_id`` None: all of it collapsed)."""
+
+    kind: Literal["bundle", "digest", "quiet_hours"]
+    group_id: str
+    message_id: str | None
+    held_messages: int
+    alerts: int
+    collapsed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +140,23 @@ class Store(Protocol):
         self, key: str, source: str, now: float, window: float, messages: Sequence[NewMessage]
     ) -> AcceptResult: ...
 
-    async def claim(self, now: float, limit: int, lease: float) -> list[MessageRecord]:
-        """Due messages, most urgent first, marked ``sending`` until ``now + lease``."""
+    async def claim(
+        self, now: float, limit: int, lease: float,
+        throttle: Throttle | None = None, throttled: dict[str, int] | None = None,
+    ) -> list[MessageRecord]:
+        """Due messages, most urgent first, marked ``sending`` until ``now + lease``.
+
+        With a ``throttle``, each recipient not yet cleared is checked against its number's
+        recent sends (kept in the store, so the rules hold across restarts and replicas): it is
+        cleared and its send recorded, or it is ``held`` (counted per group into ``throttled``).
+        A message left with no recipient to send to now is not returned."""
+
+    async def release(
+        self, now: float, throttle: Throttle, max_parts: int, new_id: Callable[[float], str]
+    ) -> list[Released]:
+        """Turn what is due of the held messages into summaries, in one transaction: per group
+        for digests and quiet hours, per number for the throttle once its rules (or an urgent
+        message's deadline) allow. The summaries are new pending messages."""
 
     async def finish(
         self,
@@ -141,8 +185,12 @@ class Store(Protocol):
     ) -> bool:
         """Record a delivery report; False when no recipient has that Clickatell message id."""
 
-    async def prune(self, before: float) -> int:
-        """Delete finished messages and dedup keys older than ``before``; returns rows deleted."""
+    async def prune(self, before: float, keys_before: float | None = None,
+                    sends_before: float | None = None, limit: int = 10_000) -> int:
+        """Delete at most ``limit`` finished messages created before ``before`` (with their
+        recipients), dedup keys older than ``keys_before`` and throttle history older than
+        ``sends_before`` (both default to ``before``); returns how many rows went. Chunked so a
+        large backlog never blocks the writer for long: call again while it returns ``limit``."""
 
 
 def open_store(url: str) -> Store:

@@ -13,13 +13,15 @@ aiosqlite's per-statement API does not offer.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from receiver.models import NewMessage
+from receiver.models import AlertStatus, Item, NewMessage
+from receiver.summary import Entry, Summary, bundle, digest
 from receiver.store import (
     AcceptResult,
     MessageQuery,
@@ -29,7 +31,9 @@ from receiver.store import (
     RecipientRecord,
     RecipientState,
     RecipientUpdate,
+    Released,
     StoreError,
+    Throttle,
 )
 
 T = TypeVar("T")
@@ -60,7 +64,10 @@ CREATE TABLE IF NOT EXISTS messages (
     lease_until     REAL,
     last_error      TEXT,
     updated_at      REAL NOT NULL,
-    accepted_at     REAL
+    accepted_at     REAL,
+    hold_reason     TEXT,
+    bundle_id       TEXT,
+    items           TEXT
 );
 -- claim walks these in order and stops at its LIMIT: no sort of the whole backlog
 CREATE INDEX IF NOT EXISTS messages_due ON messages(state, priority, next_attempt_at);
@@ -75,17 +82,38 @@ CREATE TABLE IF NOT EXISTS recipients (
     error           TEXT,
     delivery_status TEXT,
     updated_at      REAL NOT NULL,
+    hold_until      REAL,
+    bundle_id       TEXT,
+    admitted        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (message_id, number)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipients_api ON recipients(api_message_id);
+-- the throttle's view: what each number has held, and when it was last sent to
+CREATE INDEX IF NOT EXISTS recipients_held ON recipients(number, hold_until) WHERE state='held';
+CREATE TABLE IF NOT EXISTS sends (
+    number  TEXT NOT NULL,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_number ON sends(number, sent_at);
+CREATE INDEX IF NOT EXISTS sends_at ON sends(sent_at);
 """
+
+# Columns added after the first release: added in place to an older outbox file.
+_ADDED_COLUMNS = {
+    "messages": ("hold_reason TEXT", "bundle_id TEXT", "items TEXT"),
+    "recipients": ("hold_until REAL", "bundle_id TEXT", "admitted INTEGER NOT NULL DEFAULT 0"),
+}
 
 _MESSAGE_COLUMNS = (
     "id, created_at, source, group_id, level, status, text, encoding, parts, alert_count, state, "
-    "attempts, next_attempt_at, updated_at, priority, template_error, last_error, accepted_at"
+    "attempts, next_attempt_at, updated_at, priority, template_error, last_error, accepted_at, "
+    "hold_reason, bundle_id, items"
 )
-_RECIPIENT_COLUMNS = "number, state, api_message_id, error_code, error, delivery_status, updated_at"
-_FINAL_RECIPIENT = ("delivered", "undelivered", "failed")
+_RECIPIENT_COLUMNS = (
+    "number, state, api_message_id, error_code, error, delivery_status, updated_at, hold_until, "
+    "bundle_id, admitted"
+)
+_DONE = "('sent','partial','failed','dead','dry_run','suppressed','bundled','collapsed')"
 
 
 class _Op:
@@ -123,6 +151,11 @@ class SQLiteStore:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = self._connect()
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                for column in columns:
+                    if have and column.split()[0] not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
             conn.executescript(SCHEMA)
             return conn
 
@@ -227,27 +260,16 @@ class SQLiteStore:
                 "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at",
                 (key, source, now),
             )
-            conn.executemany(
-                "INSERT INTO messages(id, created_at, source, group_id, level, priority, status, "
-                "text, encoding, parts, alert_count, template_error, state, next_attempt_at, "
-                "updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',?,?)",
-                [
-                    (m.id, now, m.source, m.group_id, m.level, m.priority, str(m.status),
-                     m.sms.text, m.sms.encoding, m.sms.parts, m.alert_count, m.template_error,
-                     now, now)
-                    for m in messages
-                ],
-            )
-            conn.executemany(
-                "INSERT INTO recipients(message_id, number, state, updated_at) VALUES (?,?,'pending',?)",
-                [(m.id, number, now) for m in messages for number in m.recipients],
-            )
+            _insert(conn, messages, now)
             return AcceptResult(duplicate=False, message_ids=tuple(m.id for m in messages))
 
         return await self._write(op)
 
-    async def claim(self, now: float, limit: int, lease: float) -> list[MessageRecord]:
-        def op(conn: sqlite3.Connection) -> list[MessageRecord]:
+    async def claim(
+        self, now: float, limit: int, lease: float,
+        throttle: Throttle | None = None, throttled: dict[str, int] | None = None,
+    ) -> list[MessageRecord]:
+        def op(conn: sqlite3.Connection) -> tuple[list[MessageRecord], dict[str, int]]:
             due = [r[0] for r in conn.execute(
                 "SELECT id FROM messages WHERE state='pending' AND next_attempt_at<=? "
                 "ORDER BY priority, next_attempt_at LIMIT ?", (now, limit),
@@ -258,7 +280,7 @@ class SQLiteStore:
                     "ORDER BY lease_until LIMIT ?", (now, limit - len(due)),
                 )]
             if not due:
-                return []
+                return [], {}
             rows = conn.execute(
                 f"UPDATE messages SET state='sending', lease_until=?, attempts=attempts+1, "
                 f"updated_at=? WHERE id IN ({','.join('?' * len(due))}) "
@@ -266,7 +288,25 @@ class SQLiteStore:
                 (now + lease, now, *due),
             ).fetchall()
             rows.sort(key=lambda r: (r[14], r[12]))  # priority, next_attempt_at
-            return _with_recipients(conn, rows)
+            claimed = _with_recipients(conn, rows)
+            held: dict[str, int] = {}
+            if throttle is not None and throttle.rules:
+                claimed, held = _admit(conn, claimed, throttle, now)
+            return claimed, held
+
+        claimed, held = await self._write(op)
+        if throttled is not None:
+            for gid, n in held.items():
+                throttled[gid] = throttled.get(gid, 0) + n
+        return claimed
+
+    async def release(
+        self, now: float, throttle: Throttle, max_parts: int, new_id: Callable[[float], str]
+    ) -> list[Released]:
+        def op(conn: sqlite3.Connection) -> list[Released]:
+            return _release_groups(conn, now, max_parts, new_id) + _release_numbers(
+                conn, now, throttle, max_parts, new_id
+            )
 
         return await self._write(op)
 
@@ -295,22 +335,18 @@ class SQLiteStore:
                     "WHERE message_id=? AND state='pending'",
                     (last_error, now, message_id),
                 )
-            counts = dict(
-                conn.execute(
-                    "SELECT state, count(*) FROM recipients WHERE message_id=? GROUP BY state",
-                    (message_id,),
-                ).fetchall()
-            )
-            state = _message_state(counts, dead)
+            state = _message_state(_recipient_counts(conn, message_id), dead)
             conn.execute(
                 "UPDATE messages SET state=?, next_attempt_at=?, lease_until=NULL, last_error=?, "
-                "updated_at=?, accepted_at=COALESCE(accepted_at, ?) WHERE id=?",
+                "updated_at=?, accepted_at=COALESCE(accepted_at, ?), "
+                "hold_reason=CASE WHEN ?='held' THEN 'throttle' ELSE hold_reason END WHERE id=?",
                 (
                     state,
                     retry_at if (state == "pending" and retry_at is not None) else now,
                     last_error,
                     now,
                     now if any(u.state == "accepted" for u in updates) else None,
+                    state,
                     message_id,
                 ),
             )
@@ -349,18 +385,27 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def prune(self, before: float) -> int:
+    async def prune(self, before: float, keys_before: float | None = None,
+                    sends_before: float | None = None, limit: int = 10_000) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            done = "('sent','partial','failed','dead','dry_run')"
-            n = conn.execute(
-                f"DELETE FROM recipients WHERE message_id IN (SELECT id FROM messages "
-                f"WHERE created_at<? AND state IN {done})",
-                (before,),
+            ids = [r[0] for r in conn.execute(
+                f"SELECT id FROM messages WHERE created_at<? AND state IN {_DONE} "
+                f"ORDER BY created_at LIMIT ?", (before, limit),
+            )]
+            n = 0
+            for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                n += conn.execute(f"DELETE FROM recipients WHERE message_id IN ({marks})", chunk).rowcount
+                n += conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk).rowcount
+            n += conn.execute(
+                "DELETE FROM notifications WHERE dedup_key IN (SELECT dedup_key FROM notifications "
+                "WHERE received_at<? LIMIT ?)", (before if keys_before is None else keys_before, limit),
             ).rowcount
             n += conn.execute(
-                f"DELETE FROM messages WHERE created_at<? AND state IN {done}", (before,)
+                "DELETE FROM sends WHERE rowid IN (SELECT rowid FROM sends WHERE sent_at<? LIMIT ?)",
+                (before if sends_before is None else sends_before, limit),
             ).rowcount
-            n += conn.execute("DELETE FROM notifications WHERE received_at<?", (before,)).rowcount
             return n
 
         return await self._write(op)
@@ -405,23 +450,273 @@ class SQLiteStore:
                 "SELECT min(created_at) FROM messages WHERE state IN ('pending','sending')"
             ).fetchone()[0]
             pending = by_state.get("pending", 0) + by_state.get("sending", 0)
-            return OutboxStats(pending=pending, oldest_pending_created_at=oldest, by_state=by_state)
+            held = conn.execute(
+                "SELECT count(*) FROM recipients INDEXED BY recipients_held WHERE state='held'"
+            ).fetchone()[0]
+            return OutboxStats(pending=pending, oldest_pending_created_at=oldest,
+                               by_state=by_state, held_recipients=held)
 
         return await self._read(q)
+
+
+def _insert(conn: sqlite3.Connection, messages: Sequence[NewMessage], now: float) -> None:
+    def state(m: NewMessage) -> str:
+        return "suppressed" if m.suppressed else "held" if m.hold_until is not None else "pending"
+
+    conn.executemany(
+        "INSERT INTO messages(id, created_at, source, group_id, level, priority, status, text, "
+        "encoding, parts, alert_count, template_error, state, next_attempt_at, updated_at, "
+        "hold_reason, items) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            (m.id, now, m.source, m.group_id, m.level, m.priority, str(m.status), m.sms.text,
+             m.sms.encoding, m.sms.parts, m.alert_count, m.template_error, state(m),
+             m.hold_until if m.hold_until is not None else now, now, m.hold_reason,
+             json.dumps([i.to_list() for i in m.items]) if m.items else None)
+            for m in messages
+        ],
+    )
+    conn.executemany(
+        "INSERT INTO recipients(message_id, number, state, updated_at, admitted) VALUES (?,?,?,?,?)",
+        [
+            (m.id, number, "suppressed" if m.suppressed else "pending", now, int(m.admitted))
+            for m in messages for number in m.recipients
+        ],
+    )
+
+
+def _history(conn: sqlite3.Connection, number: str, since: float) -> list[float]:
+    return [r[0] for r in conn.execute(
+        "SELECT sent_at FROM sends WHERE number=? AND sent_at>?", (number, since)
+    )]
+
+
+def _admit(
+    conn: sqlite3.Connection, claimed: list[MessageRecord], throttle: Throttle, now: float
+) -> tuple[list[MessageRecord], dict[str, int]]:
+    """Clear or hold each claimed recipient the throttle has not seen yet (see Store.claim)."""
+    since = now - throttle.horizon
+    held: dict[str, int] = {}
+    changed: list[str] = []
+    for m in claimed:
+        for r in m.recipients:
+            if r.state != "pending" or r.admitted:
+                continue
+            holding = conn.execute(
+                "SELECT 1 FROM recipients INDEXED BY recipients_held WHERE number=? "
+                "AND state='held' LIMIT 1", (r.number,),
+            ).fetchone() is not None
+            until = throttle.admit(
+                _history(conn, r.number, since), holding, m.priority, m.created_at, now
+            )
+            if until is None:
+                conn.execute("INSERT INTO sends(number, sent_at) VALUES (?,?)", (r.number, now))
+                conn.execute("UPDATE recipients SET admitted=1 WHERE message_id=? AND number=?",
+                             (m.id, r.number))
+            else:
+                conn.execute(
+                    "UPDATE recipients SET state='held', hold_until=?, updated_at=? "
+                    "WHERE message_id=? AND number=?", (until, now, m.id, r.number),
+                )
+                held[m.group_id] = held.get(m.group_id, 0) + 1
+                changed.append(m.id)
+    if not changed:
+        return claimed, held
+    out: list[MessageRecord] = []
+    for m in _with_recipients(conn, _message_rows(conn, [m.id for m in claimed])):
+        if m.pending_numbers:
+            out.append(m)
+        else:  # nothing to send now: it waits in its recipients' holds, not under a lease
+            _settle(conn, m.id, now, hold_reason="throttle")
+    out.sort(key=lambda m: (m.priority, m.next_attempt_at))
+    return out, held
+
+
+def _message_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows += conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall()
+    return rows
+
+
+def _recipient_counts(conn: sqlite3.Connection, message_id: str) -> dict[str, int]:
+    return dict(conn.execute(
+        "SELECT state, count(*) FROM recipients WHERE message_id=? GROUP BY state", (message_id,)
+    ).fetchall())
+
+
+def _settle(conn: sqlite3.Connection, message_id: str, now: float, hold_reason: str | None = None) -> None:
+    """Re-derive a message's state from its recipients after holds changed them."""
+    state = _message_state(_recipient_counts(conn, message_id), False)
+    conn.execute(
+        "UPDATE messages SET state=?, lease_until=NULL, updated_at=?, "
+        "hold_reason=COALESCE(?, hold_reason) WHERE id=?",
+        (state, now, hold_reason if state == "held" else None, message_id),
+    )
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    """(id, created_at, priority, level, status, text, items) → a summary entry."""
+    items = tuple(Item.from_list(i) for i in json.loads(row[6])) if row[6] else ()
+    return Entry(row[0], row[1], row[2], row[3], row[4], row[5], items)
+
+
+def _summary_message(
+    new_id: Callable[[float], str], now: float, group_id: str, entries: Sequence[Entry],
+    summary: Summary, recipients: Sequence[str], *, admitted: bool,
+) -> NewMessage:
+    top = min(entries, key=lambda e: (e.priority, e.created_at))
+    items = tuple(i for e in entries for i in e.items)
+    firing = any(i.status == "firing" for e in entries for i in e.keyed_items())
+    return NewMessage(
+        id=new_id(now), group_id=group_id, level=top.level,
+        status=AlertStatus.FIRING if firing else AlertStatus.RESOLVED, sms=summary.sms,
+        recipients=tuple(recipients), source="summary", alert_count=summary.alerts,
+        priority=top.priority, items=items, admitted=admitted,
+    )
+
+
+_ENTRY_COLUMNS = "m.id, m.created_at, m.priority, m.level, m.status, m.text, m.items"
+
+
+def _release_groups(
+    conn: sqlite3.Connection, now: float, max_parts: int, new_id: Callable[[float], str]
+) -> list[Released]:
+    """Digest windows and quiet periods that ended: one summary per group and reason."""
+    rows = conn.execute(
+        f"SELECT {_ENTRY_COLUMNS}, m.group_id, m.hold_reason FROM messages m "
+        "WHERE m.state='held' AND m.hold_reason<>'throttle' AND m.next_attempt_at<=?", (now,),
+    ).fetchall()
+    by_group: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        by_group.setdefault((row[7], row[8]), []).append(row)
+    out: list[Released] = []
+    for (group_id, reason), group_rows in by_group.items():
+        ids = [r[0] for r in group_rows]
+        entries = [_entry(r) for r in group_rows]
+        summary = digest(entries, reason, max_parts)
+        numbers = sorted({n for (n,) in conn.execute(
+            f"SELECT DISTINCT number FROM recipients WHERE state='pending' AND message_id IN "
+            f"({','.join('?' * len(ids))})", ids,
+        )})
+        kind = "quiet_hours" if reason == "quiet hours" else "digest"
+        if summary is None or not numbers:
+            _fold(conn, ids, None, now, whole=True)
+            alerts = summary.alerts if summary else _alert_count(entries)
+            out.append(Released(kind, group_id, None, len(ids), alerts,
+                                summary.collapsed if summary else alerts))
+            continue
+        message = _summary_message(new_id, now, group_id, entries, summary, numbers, admitted=False)
+        _insert(conn, [message], now)
+        _fold(conn, ids, message.id, now, whole=True)
+        out.append(Released(kind, group_id, message.id, len(ids), summary.alerts, summary.collapsed))
+    return out
+
+
+def _release_numbers(
+    conn: sqlite3.Connection, now: float, throttle: Throttle, max_parts: int,
+    new_id: Callable[[float], str],
+) -> list[Released]:
+    """Numbers whose throttle hold is due: one bundle each, if the rules (or a deadline) allow."""
+    due = [r[0] for r in conn.execute(
+        "SELECT number FROM recipients INDEXED BY recipients_held WHERE state='held' "
+        "GROUP BY number HAVING min(hold_until)<=?", (now,),
+    )]
+    out: list[Released] = []
+    for number in due:
+        rows = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS}, m.group_id FROM recipients r JOIN messages m "
+            "ON m.id=r.message_id WHERE r.number=? AND r.state='held'", (number,),
+        ).fetchall()
+        entries = [_entry(r) for r in rows]
+        at = throttle.release_at(
+            _history(conn, number, now - throttle.horizon),
+            [throttle.deadline(e.priority, e.created_at) for e in entries], now,
+        )
+        if at > now:  # sends since the hold was set pushed it back
+            conn.execute("UPDATE recipients SET hold_until=? WHERE number=? AND state='held'",
+                         (at, number))
+            continue
+        ids = [r[0] for r in rows]
+        group_id = min(rows, key=lambda r: (r[2], r[1]))[7]
+        summary = bundle(entries, max_parts)
+        if summary is None:
+            _fold(conn, ids, None, now, number=number)
+            out.append(Released("bundle", group_id, None, len(ids), _alert_count(entries),
+                                _alert_count(entries)))
+            continue
+        message = _summary_message(new_id, now, group_id, entries, summary, [number], admitted=True)
+        _insert(conn, [message], now)
+        conn.execute("INSERT INTO sends(number, sent_at) VALUES (?,?)", (number, now))
+        _fold(conn, ids, message.id, now, number=number)
+        out.append(Released("bundle", group_id, message.id, len(ids), summary.alerts, summary.collapsed))
+    return out
+
+
+def _alert_count(entries: Sequence[Entry]) -> int:
+    return len({i.key for e in entries for i in e.keyed_items()})
+
+
+def _fold(
+    conn: sqlite3.Connection, ids: Sequence[str], bundle_id: str | None, now: float, *,
+    whole: bool = False, number: str | None = None,
+) -> None:
+    """Mark held messages (``whole``) or one number's held recipients as gone out in
+    ``bundle_id`` (None: collapsed, nothing sent)."""
+    state = "bundled" if bundle_id else "collapsed"
+    marks = ",".join("?" * len(ids))
+    if whole:
+        conn.execute(
+            f"UPDATE recipients SET state=?, bundle_id=?, updated_at=? WHERE state='pending' "
+            f"AND message_id IN ({marks})", (state, bundle_id, now, *ids),
+        )
+        conn.execute(
+            f"UPDATE messages SET state=?, bundle_id=?, updated_at=? WHERE id IN ({marks})",
+            (state, bundle_id, now, *ids),
+        )
+        return
+    conn.execute(
+        f"UPDATE recipients SET state=?, bundle_id=?, hold_until=NULL, updated_at=? "
+        f"WHERE number=? AND state='held' AND message_id IN ({marks})",
+        (state, bundle_id, now, number, *ids),
+    )
+    for message_id in ids:
+        row = conn.execute("SELECT state FROM messages WHERE id=?", (message_id,)).fetchone()
+        if row and row[0] == "held":  # a message still being sent to others settles later
+            _settle(conn, message_id, now)
 
 
 def _message_state(counts: dict[str, int], dead: bool) -> MessageState:
     if counts.get("pending"):
         return "pending"
+    if counts.get("held"):
+        return "held"
     if dead:
         return "dead"
     ok = counts.get("accepted", 0) + counts.get("delivered", 0) + counts.get("undelivered", 0)
+    folded = counts.get("bundled", 0)
     failed = counts.get("failed", 0)
     if counts.get("dry_run") and not ok and not failed:
         return "dry_run"
-    if ok and failed:
+    if failed and (ok or folded):
         return "partial"
-    return "sent" if ok else "failed"
+    if ok:
+        return "sent"
+    if failed:
+        return "failed"
+    if folded:
+        return "bundled"
+    if counts.get("collapsed"):
+        return "collapsed"
+    return "suppressed" if counts.get("suppressed") else "sent"
+
+
+def _record(row: tuple[Any, ...], recipients: Sequence[RecipientRecord]) -> MessageRecord:
+    items = tuple(Item.from_list(i) for i in json.loads(row[20])) if row[20] else ()
+    return MessageRecord(*row[:20], items=items, recipients=tuple(recipients))
 
 
 def _with_recipients(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[MessageRecord]:
@@ -436,5 +731,5 @@ def _with_recipients(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> l
             f"WHERE message_id IN ({','.join('?' * len(chunk))})",
             chunk,
         ):
-            by_message[row[0]].append(RecipientRecord(*row[1:]))
-    return [MessageRecord(*r, recipients=tuple(by_message[r[0]])) for r in rows]
+            by_message[row[0]].append(RecipientRecord(*row[1:10], admitted=bool(row[10])))
+    return [_record(r, by_message[r[0]]) for r in rows]

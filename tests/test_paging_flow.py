@@ -1,0 +1,268 @@
+"""Paging behaviour end to end: real HTTP into the receiver, the fake Clickatell as the phone
+network, and an injected clock that the test moves (the dispatcher is driven step by step).
+
+The storm test prints its numbers (SMS per phone, worst critical delay, alerts that reached
+nobody); run it with ``-s`` to see them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from receiver.clock import FakeClock
+from receiver.config import DEFAULT_THROTTLE
+from tests.conftest import Fake, Running
+from tests.helpers import fixture
+
+JSON = {"Content-Type": "application/json"}
+TEMPLATE = json.loads(fixture("alertmanager-0.25-grouped-firing.json"))
+DB_MEMBERS = ("886911960999", "886911960998")
+START = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+
+
+@dataclass
+class Sim:
+    """The receiver under a fake clock; every SMS the fake receives is stamped with clock time."""
+
+    rx: Running
+    fake: Fake
+    http: aiohttp.ClientSession
+    clock: FakeClock
+    sms: list[dict[str, Any]] = field(default_factory=list)
+    accepted_at: dict[str, float] = field(default_factory=dict)
+
+    async def post(self, *alerts: dict[str, Any], key: str = "") -> dict[str, Any]:
+        body = copy.deepcopy(TEMPLATE)
+        body["alerts"] = list(alerts)
+        body["groupKey"] = key or f"{{}}:{{alertname=\"{alerts[0]['labels']['alertname']}\"}}"
+        async with self.http.post(f"{self.rx.url}/webhook/alertmanager", json=body) as r:
+            assert r.status == 200, await r.text()
+            answer = await r.json()
+        for mid in answer["messages"]:
+            self.accepted_at[mid] = self.clock.now()
+        return answer
+
+    async def step(self, seconds: float = 1.0) -> None:
+        self.clock.advance(seconds)
+        d = self.rx.receiver.dispatcher
+        while await d.run_once():
+            await d.drain()
+        await d.drain()
+        async with self.http.get(f"{self.fake.url}/_fake/messages") as r:
+            got = await r.json()
+        for m in got[len(self.sms):]:
+            self.sms.append({**m, "at": self.clock.now()})
+
+    async def api(self, path: str) -> Any:
+        async with self.http.get(f"{self.rx.url}/api/v1/{path}") as r:
+            assert r.status == 200
+            return await r.json()
+
+    async def metrics(self) -> str:
+        async with self.http.get(f"{self.rx.url}/metrics") as r:
+            return await r.text()
+
+
+def alert(name: str, severity: str = "warning", status: str = "firing", **labels: str) -> dict[str, Any]:
+    return {
+        "status": status,
+        "labels": {"alertname": name, "team": "db", "severity": severity, "instance": "db-1", **labels},
+        "annotations": {"summary": "disk almost full"},
+        "startsAt": "2027-01-15T08:00:00Z",
+        "endsAt": "2027-01-15T08:30:00Z" if status == "resolved" else "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus/graph",
+        "fingerprint": f"{abs(hash(name)):016x}",
+    }
+
+
+async def sim(start_receiver, fake, http, **overrides: Any) -> Sim:
+    clock = FakeClock(START)
+    overrides.setdefault("paging", {})  # the defaults: GoAlert's limits, critical within 60 s
+    rx = await start_receiver(receiver_kwargs={"clock": clock}, run_dispatcher=False, **overrides)
+    return Sim(rx, fake, http, clock)
+
+
+def accounted(text: str) -> int:
+    """Alerts an SMS stands for: the one it leads with plus the "+N more" it counts."""
+    more = re.search(r"\+(\d+) more", text)
+    return 1 + (int(more[1]) if more else 0)
+
+
+async def test_storm_of_500_alerts_to_one_group(start_receiver, fake, http):
+    s = await sim(start_receiver, fake, http)
+    critical_delays: list[float] = []
+    for i in range(500):  # 5 new alerts a second for 100 s, one webhook each
+        await s.post(alert(f"Storm{i:03d}"))
+        if i == 250:  # a critical page in the middle of the flood
+            crit = (await s.post(alert("DatabaseDown", "critical")))["messages"][0]
+        if i % 5 == 4:
+            await s.step(1)
+    while True:
+        await s.step(5)
+        status = await s.api("status")
+        if status["outbox"]["pending"] == 0 and not status["outbox"]["byState"].get("held"):
+            break
+        assert s.clock.now() - START < 6 * 3600, "the storm never drained"
+
+    for number in DB_MEMBERS:
+        mine = [m for m in s.sms if m["to"] == number]
+        times = sorted(m["at"] for m in mine)
+        for rule in DEFAULT_THROTTLE:  # GoAlert's limits hold on every phone, in every window
+            worst = max(sum(1 for t in times if start <= t < start + rule.window) for start in times)
+            assert worst <= rule.count, (number, rule, worst)
+        # Every alert is named in some SMS or counted in a bundle: 500 + the critical one.
+        assert sum(accounted(m["content"]) for m in mine) == 501
+        crit_sms = next(m for m in mine if "DatabaseDown" in m["content"].split("\n")[0])
+        critical_delays.append(crit_sms["at"] - s.accepted_at[crit])
+
+    # The store agrees: every original message went out itself or inside a bundle that went out.
+    messages = (await s.api("messages?limit=1000"))["messages"]
+    originals = [m for m in messages if m["source"] == "alertmanager"]
+    assert len(originals) == 501
+    sent_bundles = {m["id"] for m in messages if m["source"] == "summary" and m["state"] == "sent"}
+    unreached = [
+        m["id"] for m in originals for rc in m["recipients"]
+        if not (rc["state"] == "accepted" or rc["bundleId"] in sent_bundles)
+    ]
+    assert unreached == []
+    assert max(critical_delays) <= 60
+    metrics = await s.metrics()
+    assert 'sms_receiver_sms_throttled_total{group="db"}' in metrics
+    print(f"\nstorm: 500 warning + 1 critical alerts to 2 phones over 100 s; SMS per phone: "
+          f"{ {n: sum(m['to'] == n for m in s.sms) for n in DB_MEMBERS} }; worst critical delay "
+          f"{max(critical_delays):.0f} s; alerts that reached nobody: {len(unreached)}")
+
+
+async def test_critical_is_not_held_past_the_bound_when_the_rules_are_exhausted(
+    start_receiver, fake, http
+):
+    s = await sim(start_receiver, fake, http)
+    for minute in range(8):  # a warning a minute: by minute 5 the 5-in-15-minutes rule is spent
+        await s.post(alert(f"Flap{minute}"))
+        for _ in range(60):
+            await s.step(1)
+    sent_before = len(s.sms)
+    crit = (await s.post(alert("DatabaseDown", "critical")))["messages"][0]
+    for _ in range(70):
+        await s.step(1)
+    crit_sms = [m for m in s.sms[sent_before:] if "DatabaseDown" in m["content"]]
+    assert len(crit_sms) == 2  # both members
+    delay = crit_sms[0]["at"] - s.accepted_at[crit]
+    assert 0 < delay <= 60  # held (the rules said 15 minutes) but only up to the urgency bound
+    detail = await s.api(f"messages/{crit}")
+    assert detail["state"] == "bundled"
+
+
+async def test_digest_sends_one_summary_per_window(start_receiver, fake, http):
+    s = await sim(
+        start_receiver, fake, http,
+        levels=[{"name": "critical", "severities": ["critical"]},
+                {"name": "warning", "severities": ["warning"], "delivery": {"digest": "15m"}},
+                {"name": "info", "severities": ["info"]}],
+    )
+    first = (await s.post(alert("DiskFull")))["messages"][0]
+    await s.step(60)
+    await s.post(alert("CPUHigh", instance="web-2"))
+    await s.step(60)
+    held = await s.api(f"messages/{first}")
+    assert held["state"] == "held" and held["heldFor"] == "digest 15m"
+    assert held["nextAttemptAt"].startswith("2027-01-15T08:15:00")
+    assert s.sms == []
+    for _ in range(13):
+        await s.step(60)  # past 08:15
+    assert len(s.sms) == 2  # one summary per member
+    assert s.sms[0]["content"] == (
+        "[digest 15m] 2 alerts: DiskFull db-1 (warning), CPUHigh web-2 (warning)"
+    )
+    assert (await s.api(f"messages/{first}"))["state"] == "bundled"
+    assert 'sms_receiver_summaries_total{kind="digest"} 1.0' in await s.metrics()
+
+
+async def test_resolved_while_held_sends_nothing_stale(start_receiver, fake, http):
+    s = await sim(
+        start_receiver, fake, http,
+        levels=[{"name": "critical", "severities": ["critical"]},
+                {"name": "warning", "severities": ["warning"], "delivery": {"digest": "15m"}},
+                {"name": "info", "severities": ["info"]}],
+    )
+    await s.post(alert("Blip"))
+    await s.step(30)
+    await s.post(alert("Blip", status="resolved"), key="resolved")
+    for _ in range(16):
+        await s.step(60)
+    assert s.sms == []  # fired and resolved inside the window: nothing worth a page
+    states = {m["state"] for m in (await s.api("messages"))["messages"]}
+    assert states == {"collapsed"}
+    assert 'sms_receiver_alerts_collapsed_total{kind="digest"} 1.0' in await s.metrics()
+
+
+async def test_quiet_hours_hold_all_but_critical_and_summarise_at_the_end(
+    start_receiver, fake, http
+):
+    s = await sim(
+        start_receiver, fake, http,
+        groups=[{"id": "db", "level": "info", "members": ["+886911960999"],
+                 "quiet_hours": {"timezone": "Europe/Berlin", "start": "22:00", "end": "07:00",
+                                 "min_level": "critical"}}],
+        routes=[], default_groups=["db"],
+    )
+    s.clock.advance(14 * 3600)  # 22:00 UTC = 23:00 in Berlin
+    warn = (await s.post(alert("DiskFull")))["messages"][0]
+    await s.post(alert("DatabaseDown", "critical"))
+    await s.step(1)
+    assert [m["content"].split(":")[1].strip() for m in s.sms] == ["DatabaseDown db-1 disk almost full"]
+    held = await s.api(f"messages/{warn}")
+    assert held["state"] == "held" and held["heldFor"] == "quiet hours"
+    assert held["nextAttemptAt"].startswith("2027-01-16T06:00:00")  # 07:00 Berlin
+    for _ in range(8 * 6):
+        await s.step(600)
+    assert len(s.sms) == 2
+    assert s.sms[1]["content"] == "[quiet hours] 1 alert: DiskFull db-1 (warning)"
+    assert s.sms[1]["at"] - (START + 22 * 3600) < 600
+
+
+async def test_delivery_none_is_recorded_never_sent(start_receiver, fake, http):
+    s = await sim(
+        start_receiver, fake, http,
+        levels=[{"name": "critical", "severities": ["critical"]},
+                {"name": "warning", "severities": ["warning"], "delivery": "none"},
+                {"name": "info", "severities": ["info"]}],
+    )
+    mid = (await s.post(alert("Noise")))["messages"][0]
+    for _ in range(3):
+        await s.step(60)
+    assert s.sms == []
+    detail = await s.api(f"messages/{mid}")
+    assert detail["state"] == "suppressed" and detail["heldFor"] == "delivery none"
+    assert 'sms_receiver_messages_suppressed_total{group="db"} 1.0' in await s.metrics()
+
+
+async def test_held_messages_survive_a_restart(start_receiver, fake, http):
+    s = await sim(start_receiver, fake, http, db="held.db")
+    await s.post(alert("First"))
+    await s.step(1)
+    for i in range(3):  # the throttle holds these for a minute
+        await s.post(alert(f"Held{i}"))
+        s.clock.advance(0.001)
+    await s.step(1)
+    assert len(s.sms) == 2
+    assert (await s.api("status"))["outbox"]["byState"].get("held") == 3
+    await s.rx.receiver.stop()
+
+    s2 = await sim(start_receiver, fake, http, db="held.db")
+    s2.clock.advance(s.clock.now() - START)
+    s2.sms = list(s.sms)
+    for _ in range(60):
+        await s2.step(1)
+    bundles = s2.sms[2:]
+    assert len(bundles) == 2  # one bundle per member, a minute after the first page
+    assert bundles[0]["content"] == (
+        "[WARNING] FIRING 1: Held0 db-1 disk almost full\n+2 more: Held1 db-1 (warning), "
+        "Held2 db-1 (warning)"
+    )
+    assert round(bundles[0]["at"] - START) == 61
