@@ -21,6 +21,8 @@ from receiver.store import Store, StoreError, open_store
 
 log = logging.getLogger("sms_receiver")
 
+PRUNE_INTERVAL = 300.0  # seconds between retention passes
+
 
 class Receiver:
     def __init__(
@@ -91,6 +93,7 @@ class Receiver:
         if dispatch:
             self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
             self._tasks.append(asyncio.create_task(self._poll_balances(), name="balance"))
+            self._tasks.append(asyncio.create_task(self._prune_forever(), name="prune"))
 
     @staticmethod
     def accounts(cfg: Config) -> dict[str, str]:
@@ -123,6 +126,34 @@ class Receiver:
             if interval > 0:
                 await self.poll_balances_once()
             await asyncio.sleep(interval if interval > 0 else 60)
+
+    async def prune_once(self) -> int:
+        """Delete what is no longer needed, in chunks: finished messages older than ``retention``,
+        dedup keys older than ``dedup_window``, throttle history older than its longest rule."""
+        cfg, now = self.config, self.clock.now()
+        total, limit = 0, 10_000
+        while True:
+            n = await self.store.prune(
+                now - cfg.retention,
+                keys_before=now - cfg.dedup_window,
+                sends_before=now - max(self.snapshot.throttle.horizon, 1.0),
+                limit=limit,
+            )
+            total += n
+            if n < limit:
+                break
+            await asyncio.sleep(0)  # let webhooks in between chunks
+        if total:
+            log.info("pruned %d outbox row(s) past retention", total)
+        return total
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                await self.prune_once()
+            except StoreError as exc:
+                log.warning("pruning the outbox failed: %s", exc)
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     async def stop(self) -> None:
         for task in self._tasks:

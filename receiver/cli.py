@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from receiver import __version__
-from receiver.config import Config, ConfigError, config_warnings, load_config
+from receiver.config import Config, ConfigError, config_warnings, format_duration, load_config
 from receiver.ingest import InvalidPayload, parse_webhook
 from receiver.logs import setup_logging
-from receiver.pipeline import Snapshot, plan_notification
+from receiver.pipeline import Snapshot, plan_notification, policy
 
 log = logging.getLogger("sms_receiver")
 
@@ -24,6 +24,15 @@ log = logging.getLogger("sms_receiver")
 def _split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _throttle_text(cfg: Config) -> str:
+    p = cfg.paging
+    if not p.throttle:
+        return "no throttle"
+    rules = ", ".join(f"{r.count} per {format_duration(r.window)}" for r in p.throttle)
+    urgent = p.urgent_level or cfg.levels[0].name
+    return f"at most {rules} (held into a bundle; {urgent} held at most {format_duration(p.urgent_max_delay)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +156,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         from receiver.clock import SystemClock
 
         now = SystemClock().now()
-    plan = plan_notification(notification, Snapshot.build(cfg), now, lambda _now: "-")
+    snap = Snapshot.build(cfg)
+    plan = plan_notification(notification, snap, now, lambda _now: "-")
+    throttle = _throttle_text(cfg)
 
     if args.json:
         out: dict[str, Any] = {
@@ -165,9 +176,11 @@ def cmd_render(args: argparse.Namespace) -> int:
                     "parts": m.sms.parts,
                     "truncated": m.sms.truncated,
                     "templateError": m.template_error,
+                    "policy": policy(m, snap, now).describe(),
                 }
                 for m in plan.messages
             ],
+            "throttle": throttle,
             "unrouted": [dict(a.labels) for a in plan.routing.unrouted],
             "filtered": [dict(a.labels) for a in plan.routing.filtered],
         }
@@ -182,6 +195,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(f"group {m.group_id}" + (f" ({group.name})" if group.name else "")
               + f": level {m.level}, {m.status}, {m.alert_count} alert(s), template {group.template}")
         print(f"  recipients: {', '.join(m.recipients)}")
+        print(f"  policy: {policy(m, snap, now).describe()}; then per number: {throttle}")
         print(f"  {m.sms.encoding}, {m.sms.parts} part(s), {len(m.sms.text)} characters"
               + (", cut to clickatell.max_parts" if m.sms.truncated else ""))
         if m.template_error:

@@ -117,3 +117,51 @@ async def test_unwritable_store_raises_store_error(tmp_path: Path):
     s = SQLiteStore(str(tmp_path / "file" / "outbox.db"))  # parent is a file
     with pytest.raises(StoreError):
         await s.open()
+
+
+async def test_prune_is_chunked_and_keeps_recent_and_unfinished(store):
+    for i in range(25):
+        await store.accept(f"k{i}", "alertmanager", 1000.0, 60.0, [msg(f"old{i}")])
+        await store.claim(1000.0, 1, 30.0)
+        await store.finish(f"old{i}", [RecipientUpdate(n, "failed", None, "105", "x")
+                                       for n in ("+886911960999", "+886911960998")],
+                           1000.0, retry_at=None, last_error=None)
+    await store.accept("new", "alertmanager", 9000.0, 60.0, [msg("new")])
+    await store.accept("stuck", "alertmanager", 1000.0, 60.0, [msg("stuck")])
+    # 10 messages (with their 20 recipients) per call at most, plus the keys that are due
+    first = await store.prune(5000.0, keys_before=500.0, limit=10)
+    assert first == 30
+    while await store.prune(5000.0, keys_before=500.0, limit=10) == 10 * 3:
+        pass
+    left = {m.id for m in await store.list_messages(MessageQuery())}
+    assert left == {"new", "stuck"}  # recent, and never-finished, messages stay
+
+
+async def test_an_outbox_from_before_paging_is_upgraded_in_place(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE messages (id TEXT PRIMARY KEY, created_at REAL NOT NULL, source TEXT NOT NULL,"
+        " group_id TEXT NOT NULL, level TEXT NOT NULL, priority INTEGER NOT NULL, status TEXT NOT NULL,"
+        " text TEXT NOT NULL, encoding TEXT NOT NULL, parts INTEGER NOT NULL, alert_count INTEGER NOT NULL,"
+        " template_error TEXT, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at REAL NOT NULL, lease_until REAL, last_error TEXT, updated_at REAL NOT NULL,"
+        " accepted_at REAL);"
+        "CREATE TABLE recipients (message_id TEXT NOT NULL, number TEXT NOT NULL, state TEXT NOT NULL,"
+        " api_message_id TEXT, error_code TEXT, error TEXT, delivery_status TEXT,"
+        " updated_at REAL NOT NULL, PRIMARY KEY (message_id, number)) WITHOUT ROWID;"
+        "INSERT INTO messages VALUES ('m0', 1.0, 'alertmanager', 'db', 'warning', 1, 'firing', 'hi',"
+        " 'GSM-7', 1, 1, NULL, 'pending', 0, 1.0, NULL, NULL, 1.0, NULL);"
+        "INSERT INTO recipients VALUES ('m0', '+886911960999', 'pending', NULL, NULL, NULL, NULL, 1.0);"
+    )
+    conn.commit()
+    conn.close()
+    s = SQLiteStore(str(path))
+    await s.open()
+    try:
+        claimed = await s.claim(2.0, 10, 30.0)
+        assert [m.id for m in claimed] == ["m0"] and claimed[0].pending_numbers == ("+886911960999",)
+    finally:
+        await s.close()
