@@ -26,6 +26,16 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _use_uvloop() -> None:
+    """uvloop when installed (it is a dependency on Linux and macOS): the same asyncio API,
+    a faster loop under a webhook storm (docs/PERFORMANCE.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def _throttle_text(cfg: Config) -> str:
     p = cfg.paging
     if not p.throttle:
@@ -89,6 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from receiver.store import StoreError
 
+    _use_uvloop()
     try:
         asyncio.run(_serve(cfg, Path(args.config), listen))
     except StoreError as exc:

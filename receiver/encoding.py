@@ -9,6 +9,10 @@ surrogate pair, which is why parts are packed one by one rather than divided.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Iterable
+from itertools import accumulate
+
 from receiver.models import Encoding, SmsText
 
 GSM7_BASIC: frozenset[str] = frozenset(
@@ -22,9 +26,11 @@ _PART = {"GSM-7": 153, "UCS-2": 67}
 _ELLIPSIS = {"GSM-7": "...", "UCS-2": "…"}
 
 
+GSM7_ALL: frozenset[str] = GSM7_BASIC | GSM7_EXTENSION
+
+
 def encoding_of(text: str) -> Encoding:
-    gsm = GSM7_BASIC | GSM7_EXTENSION
-    return "GSM-7" if all(ch in gsm for ch in text) else "UCS-2"
+    return "GSM-7" if GSM7_ALL.issuperset(text) else "UCS-2"
 
 
 def _cost(ch: str, encoding: Encoding) -> int:
@@ -35,19 +41,42 @@ def _cost(ch: str, encoding: Encoding) -> int:
 
 def units(text: str, encoding: Encoding) -> int:
     """Septets (GSM-7) or UTF-16 code units (UCS-2) the text takes."""
-    return sum(_cost(ch, encoding) for ch in text)
+    if encoding == "GSM-7":
+        return len(text) + sum(text.count(ch) for ch in GSM7_EXTENSION)
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _cumulative(text: str, encoding: Encoding) -> list[int]:
+    """Units used by each prefix: ``out[i]`` is the cost of ``text[: i + 1]``."""
+    if encoding == "GSM-7":
+        costs = [2 if ch in GSM7_EXTENSION else 1 for ch in text]
+    else:
+        costs = [2 if ch > "\uffff" else 1 for ch in text]
+    return list(accumulate(costs))
+
+
+def _pack(cum: list[int], limits: Iterable[int], start: int = 0) -> int:
+    """Where parts of the given sizes, filled from ``start`` with whole characters, end."""
+    end, base = start, cum[start - 1] if start else 0
+    for limit in limits:
+        nxt = bisect_right(cum, base + limit, lo=end)
+        if nxt == end:
+            break
+        end, base = nxt, cum[nxt - 1]
+    return end
 
 
 def _parts(text: str, encoding: Encoding) -> int:
     total = units(text, encoding)
     if total <= _SINGLE[encoding]:
         return 1
-    size, parts, used = _PART[encoding], 1, 0
-    for ch in text:  # a character never straddles two parts
-        cost = _cost(ch, encoding)
-        if used + cost > size:
-            parts, used = parts + 1, 0
-        used += cost
+    size = _PART[encoding]
+    if total == len(text):  # no two-unit character: nothing can straddle a boundary
+        return -(-total // size)
+    cum, parts, end = _cumulative(text, encoding), 0, 0
+    while end < len(text):  # a character never straddles two parts
+        end = _pack(cum, (size,), end)
+        parts += 1
     return parts
 
 
@@ -58,31 +87,16 @@ def count_parts(text: str) -> tuple[Encoding, int]:
 
 
 def _cut(text: str, max_parts: int, encoding: Encoding) -> str:
-    """The longest prefix of ``text`` that, with the ellipsis, fits in ``max_parts``."""
+    """The longest prefix of ``text`` that, with the ellipsis, fits in ``max_parts``: the parts
+    before the last hold ``size`` units each, the last keeps room for the ellipsis."""
     ellipsis = _ELLIPSIS[encoding]
-    budget = _SINGLE[encoding] if max_parts == 1 else None
-    if budget is not None:  # one SMS: a plain budget of units
-        limit = budget - units(ellipsis, encoding)
-        used, end = 0, 0
-        for i, ch in enumerate(text):
-            used += _cost(ch, encoding)
-            if used > limit:
-                break
-            end = i + 1
-        return text[:end].rstrip() + ellipsis
-    # several parts: pack characters part by part, keeping room for the ellipsis in the last one
-    size = _PART[encoding]
     tail = units(ellipsis, encoding)
-    parts, used, end = 1, 0, 0
-    for i, ch in enumerate(text):
-        cost = _cost(ch, encoding)
-        if used + cost > size:
-            parts, used = parts + 1, 0
-        if parts > max_parts or (parts == max_parts and used + cost > size - tail):
-            break
-        used += cost
-        end = i + 1
-    return text[:end].rstrip() + ellipsis
+    if max_parts == 1:
+        limits = [_SINGLE[encoding] - tail]
+    else:
+        limits = [_PART[encoding]] * (max_parts - 1) + [_PART[encoding] - tail]
+    head = text[: sum(limits) + 1]  # no more characters than units can fit
+    return text[: _pack(_cumulative(head, encoding), limits)].rstrip() + ellipsis
 
 
 def fit(text: str, max_parts: int) -> SmsText:
@@ -97,8 +111,7 @@ def fit(text: str, max_parts: int) -> SmsText:
     if encoding == "UCS-2":
         # Stopping before the first non-GSM character gives a GSM-7 text, which holds more per
         # part: keep whichever cut keeps more of the text.
-        gsm = GSM7_BASIC | GSM7_EXTENSION
-        prefix = text[: next(i for i, ch in enumerate(text) if ch not in gsm)].rstrip()
+        prefix = text[: next(i for i, ch in enumerate(text) if ch not in GSM7_ALL)].rstrip()
         candidate = prefix + _ELLIPSIS["GSM-7"]
         if _parts(candidate, "GSM-7") > max_parts:
             candidate = _cut(prefix, max_parts, "GSM-7")

@@ -93,3 +93,42 @@ def test_fit_property(text, max_parts):
         assert r.text.endswith(ellipsis)
         assert text.startswith(r.text[: -len(ellipsis)])
     r.text.encode("utf-16", "strict")
+
+
+# The packing is done with prefix sums and bisection for speed; check it against the plain
+# character-by-character definition on arbitrary texts (extension characters, emoji, both).
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from receiver.encoding import _cost, count_parts, encoding_of, fit  # noqa: E402
+
+_ALPHABET = st.sampled_from(list("abc XYZ09.:[]{}~^€|\\\n") + ["é", "ñ", "Ж", "漢", "😀", "🚨"])
+
+
+def _reference_parts(text: str) -> int:
+    enc = encoding_of(text)
+    total = sum(_cost(ch, enc) for ch in text)
+    single, size = (160, 153) if enc == "GSM-7" else (70, 67)
+    if total <= single:
+        return 1
+    parts, used = 1, 0
+    for ch in text:
+        cost = _cost(ch, enc)
+        if used + cost > size:
+            parts, used = parts + 1, 0
+        used += cost
+    return parts
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_ALPHABET, max_size=700).map("".join), st.integers(1, 4))
+def test_parts_and_cuts_match_the_plain_definition(text, max_parts):
+    assert count_parts(text)[1] == _reference_parts(text)
+    sms = fit(text, max_parts)
+    assert sms.parts == _reference_parts(sms.text) <= max_parts
+    if sms.truncated:
+        body = sms.text.removesuffix("...").removesuffix("…")
+        assert text.startswith(body)
+        longer = text[: len(body) + 1] + ("..." if sms.encoding == "GSM-7" else "…")
+        # one more character would not have fitted (unless the cut fell on trailing spaces)
+        assert _reference_parts(longer) > max_parts or not text[len(body):].strip() or \
+            text[len(body)] == " " or sms.encoding != encoding_of(text)

@@ -69,10 +69,14 @@ CREATE TABLE IF NOT EXISTS messages (
     bundle_id       TEXT,
     items           TEXT
 );
--- claim walks these in order and stops at its LIMIT: no sort of the whole backlog
-CREATE INDEX IF NOT EXISTS messages_due ON messages(state, priority, next_attempt_at);
-CREATE INDEX IF NOT EXISTS messages_lease ON messages(state, lease_until);
+-- Partial indexes: claim and release walk only what is waiting, in order, and stop at their
+-- LIMIT; finished messages (nearly all rows) cost no index upkeep beyond id and created_at.
+CREATE INDEX IF NOT EXISTS messages_due2 ON messages(priority, next_attempt_at) WHERE state='pending';
+CREATE INDEX IF NOT EXISTS messages_lease2 ON messages(lease_until) WHERE state='sending';
+CREATE INDEX IF NOT EXISTS messages_held ON messages(next_attempt_at) WHERE state='held';
 CREATE INDEX IF NOT EXISTS messages_created ON messages(created_at);
+DROP INDEX IF EXISTS messages_due;
+DROP INDEX IF EXISTS messages_lease;
 CREATE TABLE IF NOT EXISTS recipients (
     message_id      TEXT NOT NULL,
     number          TEXT NOT NULL,
@@ -87,7 +91,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     admitted        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (message_id, number)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS recipients_api ON recipients(api_message_id);
+CREATE INDEX IF NOT EXISTS recipients_api2 ON recipients(api_message_id) WHERE api_message_id IS NOT NULL;
+DROP INDEX IF EXISTS recipients_api;
 -- the throttle's view: what each number has held, and when it was last sent to
 CREATE INDEX IF NOT EXISTS recipients_held ON recipients(number, hold_until) WHERE state='held';
 CREATE TABLE IF NOT EXISTS sends (
@@ -134,6 +139,7 @@ class SQLiteStore:
         self._r: sqlite3.Connection | None = None
         self._queue: list[_Op] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._deferred: list[tuple[NewMessage, float]] | None = None  # writer thread only
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -224,24 +230,40 @@ class SQLiteStore:
                     )
 
     def _commit(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """Apply a batch in one transaction. Fast path: every op straight through. If one
+        raises, the transaction is rolled back and the batch replayed with a savepoint per op,
+        so that op fails alone (ops are pure database work, safe to run twice)."""
         conn = self._w
         assert conn is not None
-        results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, op.fn(conn)))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    results.append((False, exc))
-                conn.execute("RELEASE op")
+            try:
+                # Accepted messages are inserted for the whole batch at once (two statements
+                # rather than two per webhook): fewer trips through the sqlite3 module.
+                self._deferred = []
+                results: list[tuple[bool, Any]] = [(True, op.fn(conn)) for op in batch]
+                if self._deferred:
+                    _insert(conn, self._deferred)
+            except Exception:
+                self._deferred = None
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                results = []
+                for op in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        results.append((True, op.fn(conn)))
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO op")
+                        results.append((False, exc))
+                    conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            self._deferred = None
         return results
 
     # -- writes ---------------------------------------------------------------------------------
@@ -250,17 +272,19 @@ class SQLiteStore:
         self, key: str, source: str, now: float, window: float, messages: Sequence[NewMessage]
     ) -> AcceptResult:
         def op(conn: sqlite3.Connection) -> AcceptResult:
-            row = conn.execute(
-                "SELECT received_at FROM notifications WHERE dedup_key=?", (key,)
-            ).fetchone()
-            if row is not None and row[0] > now - window:
-                return AcceptResult(duplicate=True)
-            conn.execute(
+            # One statement: a new key is inserted, a key older than the window is renewed,
+            # a key inside the window is left alone (0 rows changed): a replay.
+            if not conn.execute(
                 "INSERT INTO notifications(dedup_key, source, received_at) VALUES (?,?,?) "
-                "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at",
-                (key, source, now),
-            )
-            _insert(conn, messages, now)
+                "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at "
+                "WHERE notifications.received_at<=?",
+                (key, source, now, now - window),
+            ).rowcount:
+                return AcceptResult(duplicate=True)
+            if self._deferred is not None:
+                self._deferred.extend((m, now) for m in messages)
+            else:
+                _insert(conn, [(m, now) for m in messages])
             return AcceptResult(duplicate=False, message_ids=tuple(m.id for m in messages))
 
         return await self._write(op)
@@ -459,7 +483,9 @@ class SQLiteStore:
         return await self._read(q)
 
 
-def _insert(conn: sqlite3.Connection, messages: Sequence[NewMessage], now: float) -> None:
+def _insert(conn: sqlite3.Connection, pairs: Sequence[tuple[NewMessage, float]]) -> None:
+    """Insert messages, each with the time it was accepted, and their recipients."""
+
     def state(m: NewMessage) -> str:
         return "suppressed" if m.suppressed else "held" if m.hold_until is not None else "pending"
 
@@ -468,18 +494,18 @@ def _insert(conn: sqlite3.Connection, messages: Sequence[NewMessage], now: float
         "encoding, parts, alert_count, template_error, state, next_attempt_at, updated_at, "
         "hold_reason, items) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         [
-            (m.id, now, m.source, m.group_id, m.level, m.priority, str(m.status), m.sms.text,
+            (m.id, at, m.source, m.group_id, m.level, m.priority, str(m.status), m.sms.text,
              m.sms.encoding, m.sms.parts, m.alert_count, m.template_error, state(m),
-             m.hold_until if m.hold_until is not None else now, now, m.hold_reason,
+             m.hold_until if m.hold_until is not None else at, at, m.hold_reason,
              json.dumps([i.to_list() for i in m.items]) if m.items else None)
-            for m in messages
+            for m, at in pairs
         ],
     )
     conn.executemany(
         "INSERT INTO recipients(message_id, number, state, updated_at, admitted) VALUES (?,?,?,?,?)",
         [
-            (m.id, number, "suppressed" if m.suppressed else "pending", now, int(m.admitted))
-            for m in messages for number in m.recipients
+            (m.id, number, "suppressed" if m.suppressed else "pending", at, int(m.admitted))
+            for m, at in pairs for number in m.recipients
         ],
     )
 
@@ -610,7 +636,7 @@ def _release_groups(
                                 summary.collapsed if summary else alerts))
             continue
         message = _summary_message(new_id, now, group_id, entries, summary, numbers, admitted=False)
-        _insert(conn, [message], now)
+        _insert(conn, [(message, now)])
         _fold(conn, ids, message.id, now, whole=True)
         out.append(Released(kind, group_id, message.id, len(ids), summary.alerts, summary.collapsed))
     return out
@@ -649,7 +675,7 @@ def _release_numbers(
                                 _alert_count(entries)))
             continue
         message = _summary_message(new_id, now, group_id, entries, summary, [number], admitted=True)
-        _insert(conn, [message], now)
+        _insert(conn, [(message, now)])
         conn.execute("INSERT INTO sends(number, sent_at) VALUES (?,?)", (number, now))
         _fold(conn, ids, message.id, now, number=number)
         out.append(Released("bundle", group_id, message.id, len(ids), summary.alerts, summary.collapsed))
