@@ -80,6 +80,12 @@ def alert(name: str, severity: str = "warning", status: str = "firing", **labels
     }
 
 
+def levels_with_warning(delivery: Any) -> list[dict[str, Any]]:
+    return [{"name": "critical", "severities": ["critical"]},
+            {"name": "warning", "severities": ["warning"], "delivery": delivery},
+            {"name": "info", "severities": ["info"]}]
+
+
 async def sim(start_receiver, fake, http, **overrides: Any) -> Sim:
     clock = FakeClock(START)
     overrides.setdefault("paging", {})  # the defaults: GoAlert's limits, critical within 60 s
@@ -161,9 +167,7 @@ async def test_critical_is_not_held_past_the_bound_when_the_rules_are_exhausted(
 async def test_digest_sends_one_summary_per_window(start_receiver, fake, http):
     s = await sim(
         start_receiver, fake, http,
-        levels=[{"name": "critical", "severities": ["critical"]},
-                {"name": "warning", "severities": ["warning"], "delivery": {"digest": "15m"}},
-                {"name": "info", "severities": ["info"]}],
+        levels=levels_with_warning({"digest": "15m"}),
     )
     first = (await s.post(alert("DiskFull")))["messages"][0]
     await s.step(60)
@@ -186,9 +190,7 @@ async def test_digest_sends_one_summary_per_window(start_receiver, fake, http):
 async def test_resolved_while_held_sends_nothing_stale(start_receiver, fake, http):
     s = await sim(
         start_receiver, fake, http,
-        levels=[{"name": "critical", "severities": ["critical"]},
-                {"name": "warning", "severities": ["warning"], "delivery": {"digest": "15m"}},
-                {"name": "info", "severities": ["info"]}],
+        levels=levels_with_warning({"digest": "15m"}),
     )
     await s.post(alert("Blip"))
     await s.step(30)
@@ -229,9 +231,7 @@ async def test_quiet_hours_hold_all_but_critical_and_summarise_at_the_end(
 async def test_delivery_none_is_recorded_never_sent(start_receiver, fake, http):
     s = await sim(
         start_receiver, fake, http,
-        levels=[{"name": "critical", "severities": ["critical"]},
-                {"name": "warning", "severities": ["warning"], "delivery": "none"},
-                {"name": "info", "severities": ["info"]}],
+        levels=levels_with_warning("none"),
     )
     mid = (await s.post(alert("Noise")))["messages"][0]
     for _ in range(3):
