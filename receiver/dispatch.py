@@ -108,7 +108,10 @@ class Dispatcher:
                 if claimed and len(self._inflight) < cfg.concurrency:
                     continue  # more may be due
                 try:
-                    await asyncio.wait_for(self._wake.wait(), cfg.poll_interval)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                    # that lands as the wake-up fires, and the loop would never stop.
+                    async with asyncio.timeout(cfg.poll_interval):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 self._wake.clear()
