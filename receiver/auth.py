@@ -1,4 +1,5 @@
-"""Who may call what: bearer tokens (several, for rotation), basic auth, Grafana's HMAC signature.
+"""Who may call what: bearer tokens (several, for rotation), basic auth, Grafana's HMAC signature,
+the callback secret.
 
 Every comparison is constant-time and walks all configured tokens, so timing tells nothing about
 which token, or how much of one, matched.
@@ -17,6 +18,12 @@ from receiver.config import AdminAuth, WebhookAuth
 
 def _eq(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def check_callback_secret(secret: str, given: str) -> bool:
+    """Clickatell callbacks carry the configured secret (``?secret=`` or a header); with no
+    secret configured, everything is allowed."""
+    return not secret or _eq(given, secret)
 
 
 def check_credentials(auth: AdminAuth | WebhookAuth, header: str | None) -> bool:

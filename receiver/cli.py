@@ -13,17 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from receiver import __version__
-from receiver.config import Config, ConfigError, config_warnings, format_duration, load_config
+from receiver.config import (
+    Config,
+    ConfigError,
+    config_warnings,
+    format_duration,
+    load_config,
+    split_listen,
+)
 from receiver.ingest import InvalidPayload, parse_webhook
 from receiver.logs import setup_logging
 from receiver.pipeline import Snapshot, plan_notification, policy
 
 log = logging.getLogger("sms_receiver")
-
-
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _use_uvloop() -> None:
@@ -59,7 +61,7 @@ async def _serve(cfg: Config, config_path: Path, listen: str) -> None:
     await receiver.start()
     runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
     await runner.setup()
-    host, port = _split_listen(listen)
+    host, port = split_listen(listen)
     await web.TCPSite(runner, host, port, backlog=1024).start()
     log.info("sms-receiver %s listening on http://%s (storage %s)", __version__, listen,
              cfg.storage.split("?")[0] if cfg.storage.startswith("sqlite") else "postgresql")
@@ -93,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_format or cfg.log_format)
     listen = args.listen or cfg.listen
     try:
-        _split_listen(listen)
+        split_listen(listen)
     except ValueError:
         print(f"--listen: {listen!r} is not HOST:PORT", file=sys.stderr)
         return 2

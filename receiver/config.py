@@ -76,10 +76,16 @@ def _phone(value: Any) -> str:
     return to_e164(value)
 
 
-def _listen(value: Any) -> str:
-    host, sep, port = str(value).rpartition(":")
+def split_listen(listen: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9097``, ``:9097``) → (host, port); ValueError when malformed."""
+    host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:9097)")
+        raise ValueError(f"{listen!r} is not HOST:PORT (e.g. 0.0.0.0:9097)")
+    return host.strip("[]") or default_host, int(port)
+
+
+def _listen(value: Any) -> str:
+    split_listen(str(value))
     return str(value)
 
 

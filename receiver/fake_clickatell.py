@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import re
+import sys
 import time
 import uuid
 from collections import Counter
@@ -28,6 +29,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from receiver.config import split_listen
 
 log = logging.getLogger("fake_clickatell")
 
@@ -388,9 +391,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     state = FakeState(api_keys=keys, reject_numbers=rejects, global_error=global_error,
                       delay=args.delay, balance=args.balance, currency=args.currency,
                       status_callback_url=args.status_callback)
-    host, _, port = args.listen.rpartition(":")
     try:
-        asyncio.run(serve(host or "127.0.0.1", int(port), state))
+        host, port = split_listen(args.listen, default_host="127.0.0.1")
+    except ValueError as exc:
+        print(f"--listen: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(host, port, state))
     except KeyboardInterrupt:
         pass
     return 0

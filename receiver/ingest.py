@@ -8,6 +8,7 @@ are ignored, since Alertmanager and Grafana add keys over time; wrong types and 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -211,8 +212,6 @@ def parse_send(body: bytes) -> list[SendItem | InvalidPayload]:
 
     Each item is validated on its own, so one bad item does not reject the others.
     """
-    import json
-
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from receiver import __version__
+from receiver.store import MESSAGE_STATES
 
 SOURCES = ("alertmanager", "grafana", "send")
 WEBHOOK_OUTCOMES = (
@@ -208,8 +209,6 @@ class Metrics:
             self.delivery_reports.labels(status)
         for action in REPLY_ACTIONS:
             self.replies.labels(action)
-        from receiver.store import MESSAGE_STATES
-
         for state in MESSAGE_STATES:
             self.outbox_messages.labels(state)
         for kind in SUMMARY_KINDS:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -28,6 +28,12 @@ from zoneinfo import ZoneInfo
 from receiver.config import Config, Group, QuietHours, ThrottleRule, format_duration
 
 PolicyKind = Literal["immediate", "digest", "quiet_hours", "none"]
+QUIET_HOURS = "quiet hours"  # the hold reason shown in the API and in the summary's head
+
+
+def hold_kind(reason: str) -> Literal["digest", "quiet_hours"]:
+    """The metric label of a message-level hold from its shown reason ("digest 15m", …)."""
+    return "quiet_hours" if reason == QUIET_HOURS else "digest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +53,7 @@ class Policy:
 
 
 def _utc(ts: float | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 @lru_cache(maxsize=64)
@@ -89,7 +95,7 @@ def policy_for(cfg: Config, group: Group, level: str, now: float) -> Policy:
         if cfg.level_rank(level) > cfg.level_rank(least):
             end = quiet_until(qh, now)
             if end is not None:
-                return Policy("quiet_hours", end, "quiet hours")
+                return Policy("quiet_hours", end, QUIET_HOURS)
     delivery = cfg.delivery(level)
     if delivery.mode == "none":
         return Policy("none", reason="delivery none")

@@ -13,28 +13,22 @@ did that, there is nothing worth a page and no summary is made.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from receiver.encoding import count_parts, fit
+from receiver.ingest import label_fingerprint
 from receiver.models import Alert, Item, SmsText
 
 _MORE = "..."  # GSM-7: "…" would turn the whole text into UCS-2 and halve its room
-
-
-def alert_key(labels: Mapping[str, str], fingerprint: str = "") -> str:
-    if fingerprint:
-        return fingerprint
-    canon = "\x00".join(f"{k}={v}" for k, v in sorted(labels.items()))
-    return hashlib.sha1(canon.encode()).hexdigest()[:16]
 
 
 def alert_item(alert: Alert, level: str, priority: int) -> Item:
     labels = alert.labels
     where = labels.get("instance") or labels.get("job") or labels.get("service") or ""
     name = " ".join(p for p in (labels.get("alertname", ""), where) if p) or "alert"
-    return Item(alert_key(labels, alert.fingerprint), name, level, priority, str(alert.status))
+    key = alert.fingerprint or label_fingerprint(labels)  # ingest sets it; /send has none
+    return Item(key, name, level, priority, str(alert.status))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +88,11 @@ def _fates(entries: Sequence[Entry]) -> dict[str, _Fate]:
             fired = (old.fired if old else False) or item.status == "firing"
             out[item.key] = _Fate(best, fired, item.status == "resolved")
     return out
+
+
+def count_alerts(entries: Sequence[Entry]) -> int:
+    """Distinct alerts among held messages: what a summary of them accounts for."""
+    return len({i.key for e in entries for i in e.keyed_items()})
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ retries, 4xx with a short JSON reason for input that can never be valid, and nev
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,11 +18,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from receiver import __version__
 from receiver.app import Receiver
-from receiver.auth import challenge, check_credentials, check_grafana_signature
+from receiver.auth import (
+    challenge,
+    check_callback_secret,
+    check_credentials,
+    check_grafana_signature,
+)
 from receiver.callbacks import parse_status_callback
-from receiver.config import AdminAuth, parse_duration
+from receiver.config import AdminAuth, Config, parse_duration
+from receiver.ingest import (
+    InvalidPayload,
+    SendItem,
+    dedup_key,
+    parse_send,
+    parse_webhook,
+)
 from receiver.models import NewMessage
-from receiver.ingest import InvalidPayload, SendItem, dedup_key, parse_send, parse_webhook
+from receiver.paging import hold_kind
 from receiver.pipeline import plan_notification, plan_send
 from receiver.store import MESSAGE_STATES, MessageQuery, MessageRecord, StoreError
 
@@ -158,8 +169,7 @@ def _count_planned(r: Receiver, messages: Sequence[NewMessage]) -> None:
         if msg.suppressed:
             m.suppressed.labels(msg.group_id).inc()
         elif msg.hold_reason:
-            m.held.labels(msg.group_id, "quiet_hours" if msg.hold_reason == "quiet hours"
-                          else "digest").inc()
+            m.held.labels(msg.group_id, hold_kind(msg.hold_reason)).inc()
         if msg.template_error:
             m.template_failures.labels(msg.group_id).inc()
             log.warning("template of group %s failed, fallback text used: %s",
@@ -223,7 +233,7 @@ async def send(request: web.Request) -> web.Response:
                  207 if partial else 202)
 
 
-def _send_item_problem(item: SendItem | InvalidPayload, cfg: Any) -> str | None:
+def _send_item_problem(item: SendItem | InvalidPayload, cfg: Config) -> str | None:
     if isinstance(item, InvalidPayload):
         return item.reason
     if cfg.group(item.groupId) is None:
@@ -239,11 +249,10 @@ def _send_item_problem(item: SendItem | InvalidPayload, cfg: Any) -> str | None:
 
 
 def _callback_allowed(request: web.Request) -> bool:
-    secret = request.app[RECEIVER].config.callbacks.secret.get_secret_value()
-    if not secret:
-        return True
     given = request.query.get("secret", "") or request.headers.get("X-Callback-Secret", "")
-    return hmac.compare_digest(given.encode(), secret.encode())
+    return check_callback_secret(
+        request.app[RECEIVER].config.callbacks.secret.get_secret_value(), given
+    )
 
 
 async def status_callback(request: web.Request) -> web.Response:
@@ -395,7 +404,7 @@ async def status(request: web.Request) -> web.Response:
             "pending": stats.pending,
             "oldestPendingAgeSeconds": (
                 None if stats.oldest_pending_created_at is None
-                else round(r.clock.now() - stats.oldest_pending_created_at, 3)
+                else round(stats.oldest_pending_age(r.clock.now()), 3)
             ),
             "byState": stats.by_state,
         }
@@ -459,9 +468,8 @@ async def metrics(request: web.Request) -> web.Response:
     except StoreError:
         pass  # the gauges keep their last values; readiness reports the store
     else:
-        oldest = stats.oldest_pending_created_at
         r.metrics.outbox_pending.set(stats.pending)
-        r.metrics.outbox_oldest_age.set(0 if oldest is None else max(0.0, r.clock.now() - oldest))
+        r.metrics.outbox_oldest_age.set(stats.oldest_pending_age(r.clock.now()))
         for state in MESSAGE_STATES:
             r.metrics.outbox_messages.labels(state).set(stats.by_state.get(state, 0))
         r.metrics.held_recipients.set(stats.held_recipients)

@@ -5,60 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import aiohttp
 import yaml
 
 from tests.conftest import API_KEY, Fake, eventually
 from tests.helpers import BASE, fixture
-from tests.tools import free_port
-
-ROOT = Path(__file__).parent.parent
-
-
-class ReceiverProcess:
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log = config, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "run", "--config", str(self.config),
-                 "--listen", f"127.0.0.1:{self.port}"],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            )
-
-        async def up() -> bool:
-            try:
-                async with http.get(f"{self.url}/-/ready") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await eventually(up, timeout=20)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+from tests.tools import ReceiverProcess, free_port
 
 
 def unique_payloads(n: int) -> list[bytes]:

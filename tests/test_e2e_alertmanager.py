@@ -5,7 +5,6 @@ Required in CI (.ci/run installs Alertmanager); skipped on a machine without it.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sqlite3
 import subprocess
@@ -20,8 +19,7 @@ import yaml
 
 from tests.conftest import API_KEY, Fake, eventually
 from tests.helpers import BASE
-from tests.test_durability import ReceiverProcess
-from tests.tools import free_port, need
+from tests.tools import ReceiverProcess, free_port, need, terminate, until_ready
 
 TOKEN = "e2e-webhook-token"
 
@@ -73,22 +71,10 @@ async def stack(tmp_path: Path, fake: Fake, http: aiohttp.ClientSession) -> Asyn
     am_url = f"http://127.0.0.1:{am_port}"
     try:
         await receiver.start(http)
-
-        async def am_ready() -> bool:
-            try:
-                async with http.get(f"{am_url}/-/ready") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await eventually(am_ready, timeout=20)
+        await until_ready(http, am_url)
         yield Stack(am_url, receiver, db)
     finally:
-        am.terminate()
-        try:
-            am.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            am.kill()
+        terminate(am)
         am_log.close()
         receiver.stop()
 

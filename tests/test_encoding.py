@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.encoding import GSM7_EXTENSION, count_parts, encoding_of, fit, units
+from receiver.encoding import GSM7_EXTENSION, _cost, count_parts, encoding_of, fit, units
 
 
 @pytest.mark.parametrize("n,parts", [(0, 1), (160, 1), (161, 2), (306, 2), (307, 3), (459, 3), (460, 4)])
@@ -97,10 +97,6 @@ def test_fit_property(text, max_parts):
 
 # The packing is done with prefix sums and bisection for speed; check it against the plain
 # character-by-character definition on arbitrary texts (extension characters, emoji, both).
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from receiver.encoding import _cost, count_parts, encoding_of, fit  # noqa: E402
-
 _ALPHABET = st.sampled_from(list("abc XYZ09.:[]{}~^€|\\\n") + ["é", "ñ", "Ж", "漢", "😀", "🚨"])
 
 

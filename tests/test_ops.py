@@ -16,8 +16,7 @@ import yaml
 from receiver.logs import JsonFormatter
 from tests.conftest import eventually
 from tests.helpers import BASE, fixture
-from tests.test_durability import ReceiverProcess
-from tests.tools import free_port, need
+from tests.tools import ReceiverProcess, free_port, need
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"

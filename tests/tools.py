@@ -1,12 +1,22 @@
-"""Real external tools (Debian's Alertmanager, promtool): required in CI, skipped elsewhere."""
+"""Real processes for the tests: external tools (Debian's Alertmanager, promtool: required in
+CI, skipped elsewhere) and the receiver itself as a subprocess."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import aiohttp
 import pytest
+
+from tests.conftest import eventually
+
+ROOT = Path(__file__).parent.parent
 
 
 def need(binary: str) -> str:
@@ -22,3 +32,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def until_ready(http: aiohttp.ClientSession, url: str, timeout: float = 20) -> None:
+    """Wait for ``GET {url}/-/ready`` to answer 200 (the receiver and Alertmanager both have it)."""
+
+    async def ready() -> bool:
+        try:
+            async with http.get(f"{url}/-/ready") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await eventually(ready, timeout=timeout)
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+class ReceiverProcess:
+    """`sms-receiver run` as a child process on 127.0.0.1, for kill -9 and end-to-end tests."""
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config, self.port, self.log = config, port, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "receiver", "run", "--config", str(self.config),
+                 "--listen", f"127.0.0.1:{self.port}"],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            )
+
+        await until_ready(http, self.url)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc:
+            terminate(self.proc)
+
+

@@ -107,6 +107,11 @@ class OutboxStats:
     by_state: dict[str, int] = field(default_factory=dict)
     held_recipients: int = 0  # (message, number) pairs held by the throttle
 
+    def oldest_pending_age(self, now: float) -> float:
+        """Seconds the oldest waiting message has waited (0 when none waits)."""
+        oldest = self.oldest_pending_created_at
+        return 0.0 if oldest is None else max(0.0, now - oldest)
+
 
 @dataclass(frozen=True, slots=True)
 class Released:

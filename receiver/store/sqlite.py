@@ -17,11 +17,12 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from receiver.models import AlertStatus, Item, NewMessage
-from receiver.summary import Entry, Summary, bundle, digest
+from receiver.paging import hold_kind
 from receiver.store import (
     AcceptResult,
     MessageQuery,
@@ -35,6 +36,7 @@ from receiver.store import (
     StoreError,
     Throttle,
 )
+from receiver.summary import Entry, Summary, bundle, count_alerts, digest
 
 T = TypeVar("T")
 
@@ -519,53 +521,47 @@ def _history(conn: sqlite3.Connection, number: str, since: float) -> list[float]
 def _admit(
     conn: sqlite3.Connection, claimed: list[MessageRecord], throttle: Throttle, now: float
 ) -> tuple[list[MessageRecord], dict[str, int]]:
-    """Clear or hold each claimed recipient the throttle has not seen yet (see Store.claim)."""
+    """Clear or hold each claimed recipient the throttle has not seen yet (see Store.claim).
+
+    A number is read once per claim (its recent sends, whether it has held messages) and kept
+    up to date here, since one storm puts the same numbers in many claimed messages."""
     since = now - throttle.horizon
+    numbers: dict[str, tuple[list[float], bool]] = {}  # number → (send times, holding)
     held: dict[str, int] = {}
-    changed: list[str] = []
+    out: list[MessageRecord] = []
     for m in claimed:
+        recipients = []
         for r in m.recipients:
             if r.state != "pending" or r.admitted:
+                recipients.append(r)
                 continue
-            holding = conn.execute(
-                "SELECT 1 FROM recipients INDEXED BY recipients_held WHERE number=? "
-                "AND state='held' LIMIT 1", (r.number,),
-            ).fetchone() is not None
-            until = throttle.admit(
-                _history(conn, r.number, since), holding, m.priority, m.created_at, now
-            )
+            if r.number not in numbers:
+                numbers[r.number] = (_history(conn, r.number, since), conn.execute(
+                    "SELECT 1 FROM recipients INDEXED BY recipients_held WHERE number=? "
+                    "AND state='held' LIMIT 1", (r.number,),
+                ).fetchone() is not None)
+            history, holding = numbers[r.number]
+            until = throttle.admit(history, holding, m.priority, m.created_at, now)
             if until is None:
+                history.append(now)
                 conn.execute("INSERT INTO sends(number, sent_at) VALUES (?,?)", (r.number, now))
                 conn.execute("UPDATE recipients SET admitted=1 WHERE message_id=? AND number=?",
                              (m.id, r.number))
+                recipients.append(replace(r, admitted=True))
             else:
+                numbers[r.number] = (history, True)
                 conn.execute(
                     "UPDATE recipients SET state='held', hold_until=?, updated_at=? "
                     "WHERE message_id=? AND number=?", (until, now, m.id, r.number),
                 )
                 held[m.group_id] = held.get(m.group_id, 0) + 1
-                changed.append(m.id)
-    if not changed:
-        return claimed, held
-    out: list[MessageRecord] = []
-    for m in _with_recipients(conn, _message_rows(conn, [m.id for m in claimed])):
+                recipients.append(replace(r, state="held", hold_until=until, updated_at=now))
+        m = replace(m, recipients=tuple(recipients))
         if m.pending_numbers:
             out.append(m)
         else:  # nothing to send now: it waits in its recipients' holds, not under a lease
             _settle(conn, m.id, now, hold_reason="throttle")
-    out.sort(key=lambda m: (m.priority, m.next_attempt_at))
     return out, held
-
-
-def _message_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> list[tuple[Any, ...]]:
-    rows: list[tuple[Any, ...]] = []
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        rows += conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
-            chunk,
-        ).fetchall()
-    return rows
 
 
 def _recipient_counts(conn: sqlite3.Connection, message_id: str) -> dict[str, int]:
@@ -628,10 +624,10 @@ def _release_groups(
             f"SELECT DISTINCT number FROM recipients WHERE state='pending' AND message_id IN "
             f"({','.join('?' * len(ids))})", ids,
         )})
-        kind = "quiet_hours" if reason == "quiet hours" else "digest"
+        kind = hold_kind(reason)
         if summary is None or not numbers:
             _fold(conn, ids, None, now, whole=True)
-            alerts = summary.alerts if summary else _alert_count(entries)
+            alerts = summary.alerts if summary else count_alerts(entries)
             out.append(Released(kind, group_id, None, len(ids), alerts,
                                 summary.collapsed if summary else alerts))
             continue
@@ -671,8 +667,8 @@ def _release_numbers(
         summary = bundle(entries, max_parts)
         if summary is None:
             _fold(conn, ids, None, now, number=number)
-            out.append(Released("bundle", group_id, None, len(ids), _alert_count(entries),
-                                _alert_count(entries)))
+            alerts = count_alerts(entries)
+            out.append(Released("bundle", group_id, None, len(ids), alerts, alerts))
             continue
         message = _summary_message(new_id, now, group_id, entries, summary, [number], admitted=True)
         _insert(conn, [(message, now)])
@@ -680,10 +676,6 @@ def _release_numbers(
         _fold(conn, ids, message.id, now, number=number)
         out.append(Released("bundle", group_id, message.id, len(ids), summary.alerts, summary.collapsed))
     return out
-
-
-def _alert_count(entries: Sequence[Entry]) -> int:
-    return len({i.key for e in entries for i in e.keyed_items()})
 
 
 def _fold(
