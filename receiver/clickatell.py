@@ -37,6 +37,15 @@ class Kind(StrEnum):
     CONFIG = "config"  # wrong key, account or sender: hold until a reload fixes it
     PERMANENT = "permanent"  # never succeeds as sent (our bug, or the content)
 
+    @property
+    def severity(self) -> int:
+        """Which kind wins when several requests for one text answer differently: what keeps
+        the page alive (hold for a fixed key, retry) before what gives it up."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {Kind.OK: 0, Kind.PERMANENT: 1, Kind.TRANSIENT: 2, Kind.CONFIG: 3}
+
 
 # REST/HTTP family (legacy numbering) and One API codes → what to do.
 # Per-recipient codes (105, 114, 121, 122; One API 25, 26) are PERMANENT for that recipient only.
@@ -320,9 +329,6 @@ class ClickatellClient:
             raise ClickatellError("balance query failed: balance is not a number") from None
 
 
-_SEVERITY = {Kind.OK: 0, Kind.PERMANENT: 1, Kind.TRANSIENT: 2, Kind.CONFIG: 3}
-
-
 def _merge(outcomes: Sequence[SendOutcome], numbers: Sequence[str], duration: float) -> SendOutcome:
     """HTTP API: one request per recipient → one outcome.
 
@@ -337,7 +343,7 @@ def _merge(outcomes: Sequence[SendOutcome], numbers: Sequence[str], duration: fl
             continue
         recipients.extend(o.recipients)
         rest.append(o)
-    worst = max(rest, key=lambda o: _SEVERITY[o.kind], default=None)
+    worst = max(rest, key=lambda o: o.kind.severity, default=None)
     retry = [o.retry_after for o in outcomes if o.retry_after is not None]
     if worst is None:
         return SendOutcome(Kind.OK, tuple(recipients), 202, "http", duration)

@@ -39,9 +39,6 @@ log = logging.getLogger("sms_receiver.dispatch")
 # How often held messages are looked at: the granularity of digests, quiet hours and bundles.
 RELEASE_INTERVAL = 1.0
 
-# The order in which a batch's request-level outcomes win when they differ.
-_SEVERITY = {Kind.OK: 0, Kind.TRANSIENT: 1, Kind.CONFIG: 2, Kind.PERMANENT: 3}
-
 
 def backoff(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """Exponential backoff with "equal jitter": between half and all of ``initial·2^(n-1)``."""
@@ -59,7 +56,7 @@ class _Attempt:
     retry_after: float | None = None
 
     def merge(self, outcome: SendOutcome) -> None:
-        if _SEVERITY[outcome.kind] > _SEVERITY[self.kind]:
+        if outcome.kind.severity > self.kind.severity:
             self.kind = outcome.kind
             self.error = _describe(outcome)
         if outcome.retry_after is not None:
