@@ -1,6 +1,7 @@
 """Writes sms-receiver.json, the importable dashboard. Run: python grafana-dashboards/generate.py"""
 
 import json
+import sys
 from pathlib import Path
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -138,6 +139,7 @@ dashboard = {
 }
 
 if __name__ == "__main__":
-    out = Path(__file__).with_name("sms-receiver.json")
+    # `generate.py [OUT]`: writes sms-receiver.json next to this file unless told otherwise
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("sms-receiver.json")
     out.write_text(json.dumps(dashboard, indent=2) + "\n")
     print(f"wrote {out} ({len(panels)} panels)")
