@@ -61,3 +61,20 @@ def test_render_bad_payload(tmp_path: Path):
     r = cli("render", "--config", "config.yaml", "--payload", str(p))
     assert r.returncode == 1
     assert "alerts.0.labels: required" in r.stderr
+
+
+def test_render_tells_which_paging_policy_applies(tmp_path: Path):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["levels"][1]["delivery"] = {"digest": "15m"}  # warning
+    path = tmp_path / "digest.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    payload = str(FIXTURES / "alertmanager-0.25-grouped-firing.json")
+    r = cli("render", "--config", str(path), "--payload", payload, "--json", "--now", "2026-11-22T20:40:00Z")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["messages"][0]["policy"] == "held: digest 15m until 2026-11-22T20:45:00+00:00"
+    assert out["throttle"].startswith("at most 1 per 1m, 5 per 15m, 11 per 1h, 21 per 3h")
+    r = cli("render", "--config", "config.yaml", "--payload", payload, "--now", "2026-11-22T20:40:00Z")
+    assert "policy: immediate; then per number: at most 1 per 1m" in r.stdout
