@@ -1,5 +1,10 @@
-"""The running receiver: one config snapshot, the outbox, the dispatcher, the Clickatell client and
-the metrics, wired together. The web layer and the CLI both talk to a :class:`Receiver`.
+"""The running receiver: one config snapshot, the outbox, the planner, the dispatcher, the
+Clickatell client and the metrics, wired together. The web layer and the CLI both talk to a
+:class:`Receiver`.
+
+The work behind the webhooks (planning, sending, pruning, balance polls) runs either in the same
+event loop (tests, ``start()``) or in a worker process (``start(worker=…)``, what ``sms-receiver
+run`` does): the web process then only receives, and wakes the worker over a pipe.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from receiver.config import Config, ConfigError, config_warnings, load_config
 from receiver.dispatch import Dispatcher
 from receiver.metrics import Metrics
 from receiver.pipeline import Snapshot
+from receiver.planner import Planner
 from receiver.store import Store, StoreError, open_store
+from receiver.worker import Health, Worker
 
 log = logging.getLogger("sms_receiver")
 
@@ -51,6 +58,14 @@ class Receiver:
             clock=self.clock,
             rng=rng,
         )
+        self.planner = Planner(
+            store=self.store,
+            snapshot=lambda: self._snapshot,
+            metrics=self.metrics,
+            clock=self.clock,
+            planned=self.dispatcher.wake,
+        )
+        self.worker: Worker | None = None  # the worker process, when the work runs there
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self.last_reload_ok = True
@@ -82,14 +97,22 @@ class Receiver:
             base_url=c.base_url, api=c.api, timeout=c.timeout, transport=self._transport
         )
 
-    async def start(self, *, dispatch: bool = True) -> None:
-        """Open the outbox and start the dispatcher (``dispatch=False``: accept only)."""
+    async def start(self, *, dispatch: bool = True, plan: bool = True,
+                    worker: Worker | None = None) -> None:
+        """Open the outbox; start the planner and the dispatcher in this loop, or hand all work
+        to ``worker``. ``dispatch=False`` / ``plan=False``: a test drives that stage itself."""
         await self.store.open()
         cfg = self.config
         self._init_metrics(cfg)
         self._reloaded(True)
         for warning in config_warnings(cfg):
             log.warning("%s", warning)
+        if worker is not None:
+            self.worker = worker
+            await worker.start()
+            return
+        if plan:
+            self._tasks.append(asyncio.create_task(self.planner.run(), name="planner"))
         if dispatch:
             self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
             self._tasks.append(asyncio.create_task(self._poll_balances(), name="balance"))
@@ -155,7 +178,35 @@ class Receiver:
                 log.warning("pruning the outbox failed: %s", exc)
             await asyncio.sleep(PRUNE_INTERVAL)
 
+    def wake_planner(self) -> None:
+        """A notification is in the inbox."""
+        if self.worker is not None:
+            self.worker.wake()
+        else:
+            self.planner.wake()
+
+    def wake_dispatcher(self) -> None:
+        """Messages are in the outbox."""
+        if self.worker is not None:
+            self.worker.wake()
+        else:
+            self.dispatcher.wake()
+
+    async def health(self) -> Health:
+        """How the planner and the dispatcher are doing, wherever they run."""
+        if self.worker is not None:
+            return await self.worker.health()
+        last = self.dispatcher.last_run
+        return Health(
+            running=last is not None
+            and self.clock.monotonic() - last <= max(5.0, 3 * self.config.dispatch.poll_interval),
+            last_run_age=None if last is None else self.clock.monotonic() - last,
+            error=self.dispatcher.last_error or self.planner.last_error,
+        )
+
     async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -190,10 +241,15 @@ class Receiver:
             self._reloaded(True)
             for warning in config_warnings(new):
                 log.warning("%s", warning)
-            try:  # a fixed key must not wait for the backoff of what it held back
-                await self.store.retry_now(self.clock.now())
-            except StoreError as exc:
-                log.warning("after reload, could not reschedule pending messages: %s", exc)
-            self.dispatcher.wake()
+            if self.worker is not None:
+                errors = await self.worker.reload()
+                if errors:
+                    return errors
+            else:
+                try:  # a fixed key must not wait for the backoff of what it held back
+                    await self.store.retry_now(self.clock.now())
+                except StoreError as exc:
+                    log.warning("after reload, could not reschedule pending messages: %s", exc)
+                self.dispatcher.wake()
             log.info("config reloaded from %s", self.config_path)
             return []

@@ -51,14 +51,16 @@ def _throttle_text(cfg: Config) -> str:
 # run
 
 
-async def _serve(cfg: Config, config_path: Path, listen: str) -> None:
+async def _serve(cfg: Config, config_path: Path, listen: str, log_format: str,
+                 single_process: bool) -> None:
     from aiohttp import web
 
     from receiver.app import Receiver
     from receiver.web import create_app
+    from receiver.worker import Worker
 
     receiver = Receiver(cfg, config_path=config_path)
-    await receiver.start()
+    await receiver.start(worker=None if single_process else Worker(config_path, log_format))
     runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = split_listen(listen)
@@ -92,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 1
-    setup_logging(args.log_format or cfg.log_format)
+    log_format = args.log_format or cfg.log_format
+    setup_logging(log_format)
     listen = args.listen or cfg.listen
     try:
         split_listen(listen)
@@ -103,12 +106,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _use_uvloop()
     try:
-        asyncio.run(_serve(cfg, Path(args.config), listen))
+        asyncio.run(_serve(cfg, Path(args.config), listen, log_format, args.single_process))
     except StoreError as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:
         log.error("cannot listen on %s: %s", listen, exc.strerror or exc)
+        return 1
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The worker process that ``run`` starts (see receiver/worker.py); not for direct use."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid config {args.config}: " + "; ".join(exc.errors), file=sys.stderr)
+        return 1
+    setup_logging(args.log_format or cfg.log_format)
+    from receiver.app import Receiver
+    from receiver.store import StoreError
+    from receiver.worker import serve_worker
+
+    _use_uvloop()
+    try:
+        asyncio.run(serve_worker(Receiver(cfg, config_path=Path(args.config)),
+                                 Path(args.socket), args.wake_fd))
+    except StoreError as exc:
+        log.error("%s", exc)
         return 1
     return 0
 
@@ -240,7 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
     run.add_argument("--listen", help="HOST:PORT, overriding the config's listen")
     run.add_argument("--log-format", choices=("text", "json"), help="overrides log_format")
+    run.add_argument("--single-process", action="store_true",
+                     help="plan and send in the web process instead of a worker process")
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="(internal) the worker process that run starts")
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--socket", required=True, help="Unix socket for health, metrics, reload")
+    worker.add_argument("--wake-fd", type=int, required=True, help="read end of the wake-up pipe")
+    worker.add_argument("--log-format", choices=("text", "json"))
+    worker.set_defaults(func=cmd_worker)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")

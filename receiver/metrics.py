@@ -8,13 +8,28 @@ is initialised at start and on reload, so dashboards show 0 rather than "no data
 
 from __future__ import annotations
 
+import logging
 import platform
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from receiver import __version__
+from receiver.models import NewMessage
+from receiver.paging import hold_kind
 from receiver.store import MESSAGE_STATES
+
+log = logging.getLogger("sms_receiver")
 
 SOURCES = ("alertmanager", "grafana", "send")
 WEBHOOK_OUTCOMES = (
@@ -182,6 +197,15 @@ class Metrics:
             p + "dry_run", "1 when no Clickatell API key is configured and nothing is sent.",
             registry=r,
         )
+        self.planning_failures = Counter(
+            p + "planning_failures_total",
+            "Received notifications that could not be turned into messages (kept in the inbox).",
+            registry=r,
+        )
+        self.inbox = Gauge(
+            p + "inbox_notifications",
+            "Notifications received (answered 2xx) and not yet turned into messages.", registry=r,
+        )
         self.dispatcher_last_run = Gauge(
             p + "dispatcher_last_run_timestamp_seconds", "When the dispatcher loop last ran.",
             registry=r,
@@ -230,6 +254,26 @@ class Metrics:
             for reason in FAIL_REASONS:
                 self.sms_failed.labels(gid, reason)
 
+    def worker_exposition(self) -> bytes:
+        """The exposition a worker process hands to the web process: without the gauges the web
+        process owns (reload state, outbox gauges it sets at each scrape, build info)."""
+        own = {m._name for m in (self.reload_ok, self.reload_ts, self.dry_run, self.outbox_pending,  # noqa: SLF001
+                                 self.outbox_oldest_age, self.outbox_messages, self.held_recipients,
+                                 self.inbox)} | {"sms_receiver_build"}
+        return generate_latest(_Families([f for f in self.registry.collect() if f.name not in own]))  # type: ignore[arg-type]
+
+    def count_planned(self, messages: Iterable[NewMessage]) -> None:
+        """Count what planning decided for each new message: held, suppressed, template failed."""
+        for msg in messages:
+            if msg.suppressed:
+                self.suppressed.labels(msg.group_id).inc()
+            elif msg.hold_reason:
+                self.held.labels(msg.group_id, hold_kind(msg.hold_reason)).inc()
+            if msg.template_error:
+                self.template_failures.labels(msg.group_id).inc()
+                log.warning("template of group %s failed, fallback text used: %s",
+                            msg.group_id, msg.template_error)
+
     def init_accounts(self, accounts: Iterable[str]) -> None:
         for account in accounts:
             self.balance_failures.labels(account)
@@ -240,3 +284,39 @@ class Metrics:
 
     def status_code(self, status: int | None) -> str:
         return "none" if status is None else str(status) if 100 <= status <= 599 else "other"
+
+
+class _Families:
+    """A registry-shaped view of parsed metric families, for ``generate_latest``."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(*texts: bytes) -> bytes:
+    """One exposition from several processes' metrics of the same names (the web process and
+    the worker): counters and histograms add up (``_created`` keeps the earliest), gauges take
+    the largest value (each gauge is set by one process; the other's stays at 0), the rest the
+    first one's."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text.decode()):
+            have = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+            merged = values.setdefault(fam.name, {})
+            for sample in fam.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = merged.get(key)
+                if old is None:
+                    merged[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    merged[key] = min(old, sample.value)
+                elif fam.type in ("counter", "histogram", "summary"):
+                    merged[key] = old + sample.value
+                elif fam.type == "gauge":
+                    merged[key] = max(old, sample.value)
+            have.samples = [Sample(name, dict(labels), value) for (name, labels), value in merged.items()]
+    return generate_latest(_Families(list(families.values())))  # type: ignore[arg-type]

@@ -1,11 +1,15 @@
 """The accept pipeline, composed in one place: notification → routing → render → outbox rows.
 
 Everything here is pure: given the same notification, config snapshot, time and id source, it
-plans the same messages. The web layer stores the plan; ``sms-receiver render`` prints it.
+plans the same messages. It runs in two steps so that a webhook is answered as soon as it is
+durable: on receipt, :func:`receive` routes it and names its messages (cheap: matchers only);
+the planner later renders them (:func:`render_routed`) from the stored body and routing, at the
+time of receipt. ``sms-receiver render`` prints the whole plan in one go.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -58,6 +62,44 @@ def plan_notification(
         for delivery in routing.deliveries
     )
     return Plan(messages, routing)
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A notification routed on receipt: what to store in the inbox and what to answer."""
+
+    routing: RoutingResult
+    message_ids: tuple[str, ...]  # one per delivery, in order
+    plan: str  # JSON: the deliveries by group, level, status and alert positions, with their ids
+
+
+def receive(notification: Notification, snap: Snapshot, now: float,
+            new_id: IdSource = new_message_id) -> Routed:
+    """Route a notification and name the message of each delivery; render nothing yet."""
+    routing = route(notification, snap.config)
+    ids = tuple(new_id(now) for _ in routing.deliveries)
+    position = {id(a): i for i, a in enumerate(notification.alerts)}
+    plan = json.dumps([
+        [mid, d.group_id, d.level, d.status.value, [position[id(a)] for a in d.alerts]]
+        for mid, d in zip(ids, routing.deliveries)
+    ], separators=(",", ":"))
+    return Routed(routing, ids, plan)
+
+
+def render_routed(notification: Notification, plan: str, snap: Snapshot,
+                  now: float) -> tuple[tuple[NewMessage, ...], tuple[str, ...]]:
+    """The messages of a notification stored by :func:`receive` with ``plan``, rendered with
+    ``snap`` as of ``now`` (the time of receipt), and the groups dropped: a group removed from
+    the config in between has no members or template left."""
+    out, dropped = [], []
+    for mid, group_id, level, status, positions in json.loads(plan):
+        if group_id not in snap.config.groups_by_id:
+            dropped.append(group_id)
+            continue
+        delivery = GroupDelivery(group_id, level, AlertStatus(status),
+                                 tuple(notification.alerts[i] for i in positions))
+        out.append(with_policy(_message(notification, delivery, snap, now, lambda _, m=mid: m), snap, now))
+    return tuple(out), tuple(dropped)
 
 
 def policy(message: NewMessage, snap: Snapshot, now: float) -> Policy:

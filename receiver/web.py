@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiohttp import web
@@ -33,9 +33,9 @@ from receiver.ingest import (
     parse_send,
     parse_webhook,
 )
+from receiver.metrics import merge_expositions
 from receiver.models import NewMessage
-from receiver.paging import hold_kind
-from receiver.pipeline import plan_notification, plan_send
+from receiver.pipeline import plan_send, receive
 from receiver.store import MESSAGE_STATES, MessageQuery, MessageRecord, StoreError
 
 log = logging.getLogger("sms_receiver.web")
@@ -53,7 +53,7 @@ def _error(status: int, reason: str, **extra: Any) -> web.Response:
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
@@ -100,7 +100,10 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
 
     def done(outcome: str, response: web.Response, **fields: Any) -> web.Response:
         m.webhooks.labels(source, outcome).inc()
-        level = logging.INFO if outcome in ("accepted", "duplicate") else logging.WARNING
+        # accepted webhooks are logged by the planner (with their messages) once planned
+        level = logging.DEBUG if outcome in ("accepted", "duplicate") else logging.WARNING
+        if not log.isEnabledFor(level):
+            return response
         details = " ".join(f"{k}={v}" for k, v in fields.items())
         log.log(level, "webhook source=%s outcome=%s status=%d %s duration_ms=%.1f",
                 source, outcome, response.status, details, (r.clock.monotonic() - start) * 1000)
@@ -124,56 +127,49 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
         m.alerts.labels(source, alert.status.value).inc()
 
     now = r.clock.now()
-    plan = plan_notification(notification, snap, now)
+    key = dedup_key(notification)
+    routed = receive(notification, snap, now)
+    routing = routed.routing
     try:
-        result = await r.store.accept(
-            dedup_key(notification), source, now, cfg.dedup_window, plan.messages
-        )
+        fresh = await r.store.receive(key, source, now, cfg.dedup_window, body, routed.plan)
     except StoreError as exc:
         return done("store_error", _error(503, "could not store the notification; retry"),
                     error=repr(str(exc)))
 
-    groups = ",".join(msg.group_id for msg in plan.messages) or "-"
+    groups = ",".join(d.group_id for d in routing.deliveries) or "-"
     fields = {"alerts": len(notification.alerts), "group_key": repr(notification.group_key),
               "groups": groups}
-    if result.duplicate:
-        for msg in plan.messages:
-            m.sms_deduplicated.labels(msg.group_id).inc()
+    if not fresh:
+        for d in routing.deliveries:
+            m.sms_deduplicated.labels(d.group_id).inc()
         return done("duplicate", _json({"status": "duplicate", "messages": []}), **fields)
 
-    r.dispatcher.wake()
-    _count_planned(r, plan.messages)
-    if plan.routing.unrouted:
-        m.alerts_unrouted.labels(source, "no_route").inc(len(plan.routing.unrouted))
+    r.wake_planner()
+    for d in routing.deliveries:
+        m.routed.labels(d.group_id, d.level).inc()
+    if routing.unrouted:
+        m.alerts_unrouted.labels(source, "no_route").inc(len(routing.unrouted))
         log.warning("%d alert(s) matched no route and no default group: %s",
-                    len(plan.routing.unrouted),
-                    ", ".join(a.labels.get("alertname", "?") for a in plan.routing.unrouted[:10]))
-    if plan.routing.filtered:
-        m.alerts_unrouted.labels(source, "filtered").inc(len(plan.routing.filtered))
+                    len(routing.unrouted),
+                    ", ".join(a.labels.get("alertname", "?") for a in routing.unrouted[:10]))
+    if routing.filtered:
+        m.alerts_unrouted.labels(source, "filtered").inc(len(routing.filtered))
     return done(
         "accepted",
         _json({
             "status": "accepted",
-            "messages": list(result.message_ids),
-            "unrouted": len(plan.routing.unrouted),
-            "filtered": len(plan.routing.filtered),
+            "messages": list(routed.message_ids),
+            "unrouted": len(routing.unrouted),
+            "filtered": len(routing.filtered),
         }),
         **fields,
     )
 
 
 def _count_planned(r: Receiver, messages: Sequence[NewMessage]) -> None:
-    m = r.metrics
     for msg in messages:
-        m.routed.labels(msg.group_id, msg.level).inc()
-        if msg.suppressed:
-            m.suppressed.labels(msg.group_id).inc()
-        elif msg.hold_reason:
-            m.held.labels(msg.group_id, hold_kind(msg.hold_reason)).inc()
-        if msg.template_error:
-            m.template_failures.labels(msg.group_id).inc()
-            log.warning("template of group %s failed, fallback text used: %s",
-                        msg.group_id, msg.template_error)
+        r.metrics.routed.labels(msg.group_id, msg.level).inc()
+    r.metrics.count_planned(messages)
 
 
 async def alertmanager_webhook(request: web.Request) -> web.Response:
@@ -224,7 +220,7 @@ async def send(request: web.Request) -> web.Response:
     except StoreError:
         r.metrics.webhooks.labels("send", "store_error").inc()
         return _error(503, "could not store the messages; retry")
-    r.dispatcher.wake()
+    r.wake_dispatcher()
     r.metrics.webhooks.labels("send", "accepted").inc()
     _count_planned(r, messages)
     partial = len(messages) < len(items)
@@ -366,13 +362,19 @@ async def list_messages(request: web.Request) -> web.Response:
 @admin
 async def get_message(request: web.Request) -> web.Response:
     r = request.app[RECEIVER]
+    mid = request.match_info["id"]
     try:
-        msg = await r.store.get_message(request.match_info["id"])
+        msg = await r.store.get_message(mid)
+        received = None if msg is not None else await r.store.received(mid)
     except StoreError as exc:
         return _error(503, f"store unavailable: {exc}")
-    if msg is None:
-        return _error(404, f"no message {request.match_info['id']!r}")
-    return _json(_message_json(msg))
+    if msg is not None:
+        return _json(_message_json(msg))
+    if received is not None:  # answered, not planned yet: the planner is behind (or failed on it)
+        return _json({"id": mid, "state": "received", "source": received.source,
+                      "createdAt": _iso(received.received_at), "recipients": [],
+                      **({"planningError": received.error} if received.error else {})})
+    return _error(404, f"no message {mid!r}")
 
 
 @admin
@@ -410,7 +412,7 @@ async def status(request: web.Request) -> web.Response:
         }
     except StoreError as exc:
         outbox = {"error": str(exc)}
-    last = r.dispatcher.last_run
+    health = await r.health()
     return _json({
         "version": __version__,
         "dryRun": cfg.dry_run,
@@ -420,8 +422,9 @@ async def status(request: web.Request) -> web.Response:
         "routes": len(cfg.routes),
         "outbox": outbox,
         "dispatcher": {
-            "lastRunAgeSeconds": None if last is None else round(r.clock.monotonic() - last, 3),
-            "lastError": r.dispatcher.last_error,
+            "lastRunAgeSeconds": None if health.last_run_age is None else round(health.last_run_age, 3),
+            "lastError": health.error,
+            "process": "worker" if r.worker is not None else "web",
         },
         "config": {
             "lastReloadSuccessful": r.last_reload_ok,
@@ -452,12 +455,11 @@ async def ready(request: web.Request) -> web.Response:
         await r.store.ping()
     except StoreError as exc:
         return web.Response(status=503, text=f"not ready: store: {exc}\n")
-    last = r.dispatcher.last_run
-    limit = max(5.0, 3 * r.config.dispatch.poll_interval)
-    if last is None or r.clock.monotonic() - last > limit:
+    health = await r.health()
+    if not health.running:
         return web.Response(status=503, text="not ready: the dispatcher loop is not running\n")
-    if r.dispatcher.last_error:
-        return web.Response(status=503, text=f"not ready: dispatcher: {r.dispatcher.last_error}\n")
+    if health.error:
+        return web.Response(status=503, text=f"not ready: dispatcher: {health.error}\n")
     return web.Response(text="sms-receiver is Ready.\n")
 
 
@@ -473,8 +475,11 @@ async def metrics(request: web.Request) -> web.Response:
         for state in MESSAGE_STATES:
             r.metrics.outbox_messages.labels(state).set(stats.by_state.get(state, 0))
         r.metrics.held_recipients.set(stats.held_recipients)
-    return web.Response(body=generate_latest(r.metrics.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+        r.metrics.inbox.set(stats.inbox)
+    body = generate_latest(r.metrics.registry)
+    if r.worker is not None:  # the worker's counters (sent, failed, …) added to this process's
+        body = merge_expositions(body, await r.worker.metrics())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(receiver: Receiver) -> web.Application:

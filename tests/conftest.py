@@ -10,9 +10,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from receiver.app import Receiver
-from receiver.fake_clickatell import FakeState, create_app as create_fake_app
+from receiver.fake_clickatell import FakeState
+from receiver.fake_clickatell import create_app as create_fake_app
 from receiver.web import create_app
 from tests.helpers import make_config
 
@@ -61,6 +63,21 @@ async def fake(aiohttp_server) -> Fake:
     return Fake(str(server.make_url("")).rstrip("/"), state)
 
 
+def _settle(receiver: Receiver) -> Any:
+    """Plan what a webhook stored before its answer leaves, so a test can read the messages of
+    the ids it was answered with at once. The receiver answers first and plans right after
+    (``settle=False`` and the subprocess tests see it as it runs)."""
+
+    @web.middleware
+    async def settle(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        if request.path.startswith("/webhook/"):
+            await receiver.planner.drain()
+        return response
+
+    return settle
+
+
 @pytest.fixture
 async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake):
     """``await start_receiver(**config_overrides)`` → a running receiver sending to the fake."""
@@ -68,7 +85,8 @@ async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake):
 
     async def start(*, clickatell: dict[str, Any] | None = None, dispatch: dict[str, Any] | None = None,
                     receiver_kwargs: dict[str, Any] | None = None, run_dispatcher: bool = True,
-                    db: str | None = None, **overrides: Any) -> Running:
+                    db: str | None = None, settle: bool = True, run_planner: bool = True,
+                    **overrides: Any) -> Running:
         cfg = make_config(
             storage=f"sqlite://{tmp_path}/{db or f'outbox-{len(started)}.db'}",
             clickatell={"api_key": API_KEY, "base_url": fake.url, "timeout": "2s", **(clickatell or {})},
@@ -77,9 +95,13 @@ async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake):
             **overrides,
         )
         receiver = Receiver(cfg, **(receiver_kwargs or {}))
-        await receiver.start(dispatch=run_dispatcher)  # False: the test drives the dispatcher
+        # False: the test drives that stage itself
+        await receiver.start(dispatch=run_dispatcher, plan=run_planner)
         started.append(receiver)
-        server = await aiohttp_server(create_app(receiver), host="127.0.0.1")
+        app = create_app(receiver)
+        if settle:
+            app.middlewares.append(_settle(receiver))
+        server = await aiohttp_server(app, host="127.0.0.1")
         return Running(receiver, str(server.make_url("")).rstrip("/"))
 
     yield start

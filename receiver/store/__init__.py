@@ -2,9 +2,12 @@
 
 Contract shared by every implementation:
 
-- :meth:`Store.accept` commits a notification's messages durably, or raises :class:`StoreError`;
-  only after it returns may the webhook be answered 2xx. A notification whose dedup key was seen
-  within ``window`` seconds is a replay: nothing is written and ``duplicate`` is True.
+- :meth:`Store.receive` commits a webhook's body and routing durably (the *inbox*), or raises
+  :class:`StoreError`; only after it returns may the webhook be answered 2xx. A notification
+  whose dedup key was seen within ``window`` seconds is a replay: nothing is written.
+- :meth:`Store.planned` turns inbox rows into messages: the rows leave in the transaction that
+  inserts their messages, so a notification is planned exactly once whoever crashes when.
+- :meth:`Store.accept` commits messages planned at once (``/send``), with the same dedup rule.
 - :meth:`Store.claim` hands out due messages under a lease; a claimed message whose lease ran out
   (the process died mid-send) is due again. This is the only at-least-once window.
 - :meth:`Store.finish` records what Clickatell answered per recipient and the next state.
@@ -92,6 +95,18 @@ class AcceptResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Received:
+    """A notification answered 2xx and not yet planned: its body and its routing (JSON)."""
+
+    id: int
+    received_at: float
+    source: str
+    body: bytes
+    plan: str
+    error: str | None = None  # why it could not be planned (it stays in the inbox)
+
+
+@dataclass(frozen=True, slots=True)
 class RecipientUpdate:
     number: str
     state: RecipientState
@@ -106,6 +121,8 @@ class OutboxStats:
     oldest_pending_created_at: float | None
     by_state: dict[str, int] = field(default_factory=dict)
     held_recipients: int = 0  # (message, number) pairs held by the throttle
+    inbox: int = 0  # notifications received and not yet planned
+    inbox_failed: int = 0  # notifications that could not be planned (kept, with their error)
 
     def oldest_pending_age(self, now: float) -> float:
         """Seconds the oldest waiting message has waited (0 when none waits)."""
@@ -144,6 +161,22 @@ class Store(Protocol):
     async def accept(
         self, key: str, source: str, now: float, window: float, messages: Sequence[NewMessage]
     ) -> AcceptResult: ...
+
+    async def receive(
+        self, key: str, source: str, now: float, window: float, body: bytes, plan: str
+    ) -> bool:
+        """Store a notification in the inbox; False (nothing stored) when it is a replay."""
+
+    async def inbox(self, limit: int) -> list[Received]:
+        """The oldest inbox rows not marked failed, in the order they were received."""
+
+    async def received(self, message_id: str) -> Received | None:
+        """The inbox row that will become message ``message_id``, if it is still there."""
+
+    async def planned(self, done: Sequence[tuple[int, Sequence[NewMessage], float]],
+                      failed: Sequence[tuple[int, str]] = ()) -> None:
+        """In one transaction: insert each done row's messages (created at the given time,
+        when the notification was received) and delete the row; mark ``failed`` rows."""
 
     async def claim(
         self, now: float, limit: int, lease: float,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -29,6 +30,7 @@ from receiver.store import (
     MessageRecord,
     MessageState,
     OutboxStats,
+    Received,
     RecipientRecord,
     RecipientState,
     RecipientUpdate,
@@ -103,6 +105,17 @@ CREATE TABLE IF NOT EXISTS sends (
 );
 CREATE INDEX IF NOT EXISTS sends_number ON sends(number, sent_at);
 CREATE INDEX IF NOT EXISTS sends_at ON sends(sent_at);
+-- Notifications answered 2xx but not yet turned into messages (the planner's queue). A row
+-- leaves in the transaction that inserts its messages; one that could not be planned keeps
+-- its error and stays for an operator.
+CREATE TABLE IF NOT EXISTS inbox (
+    id          INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    source      TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    plan        TEXT NOT NULL,
+    error       TEXT
+);
 """
 
 # Columns added after the first release: added in place to an older outbox file.
@@ -141,7 +154,9 @@ class SQLiteStore:
         self._r: sqlite3.Connection | None = None
         self._queue: list[_Op] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._deferred: list[tuple[NewMessage, float]] | None = None  # writer thread only
+        # rows of the running group commit, inserted at its end (writer thread only)
+        self._deferred: list[tuple[NewMessage, float]] | None = None
+        self._received: list[tuple[float, str, bytes, str]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -159,6 +174,9 @@ class SQLiteStore:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = self._connect()
+            # The writer waits for the write lock itself (_begin): SQLite's own busy handler
+            # sleeps 1, 2, 5, 10 … ms between tries, far longer than another process holds it.
+            conn.execute("PRAGMA busy_timeout=0")
             for table, columns in _ADDED_COLUMNS.items():
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 for column in columns:
@@ -231,25 +249,42 @@ class SQLiteStore:
                         value if isinstance(value, StoreError) else StoreError(f"outbox write failed: {value}")
                     )
 
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, waiting up to ``busy_timeout`` while another process (the worker,
+        another replica) holds the write lock: tries every 0.1 ms at first, then up to 2 ms."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.0001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
     def _commit(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         """Apply a batch in one transaction. Fast path: every op straight through. If one
         raises, the transaction is rolled back and the batch replayed with a savepoint per op,
         so that op fails alone (ops are pure database work, safe to run twice)."""
         conn = self._w
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             try:
                 # Accepted messages are inserted for the whole batch at once (two statements
                 # rather than two per webhook): fewer trips through the sqlite3 module.
-                self._deferred = []
+                self._deferred, self._received = [], []
                 results: list[tuple[bool, Any]] = [(True, op.fn(conn)) for op in batch]
                 if self._deferred:
                     _insert(conn, self._deferred)
+                if self._received:
+                    _insert_inbox(conn, self._received)
             except Exception:
-                self._deferred = None
+                self._deferred = self._received = None
                 conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
+                self._begin(conn)
                 results = []
                 for op in batch:
                     conn.execute("SAVEPOINT op")
@@ -265,7 +300,7 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
         finally:
-            self._deferred = None
+            self._deferred = self._received = None
         return results
 
     # -- writes ---------------------------------------------------------------------------------
@@ -274,14 +309,7 @@ class SQLiteStore:
         self, key: str, source: str, now: float, window: float, messages: Sequence[NewMessage]
     ) -> AcceptResult:
         def op(conn: sqlite3.Connection) -> AcceptResult:
-            # One statement: a new key is inserted, a key older than the window is renewed,
-            # a key inside the window is left alone (0 rows changed): a replay.
-            if not conn.execute(
-                "INSERT INTO notifications(dedup_key, source, received_at) VALUES (?,?,?) "
-                "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at "
-                "WHERE notifications.received_at<=?",
-                (key, source, now, now - window),
-            ).rowcount:
+            if not _fresh_key(conn, key, source, now, window):
                 return AcceptResult(duplicate=True)
             if self._deferred is not None:
                 self._deferred.extend((m, now) for m in messages)
@@ -290,6 +318,51 @@ class SQLiteStore:
             return AcceptResult(duplicate=False, message_ids=tuple(m.id for m in messages))
 
         return await self._write(op)
+
+    async def receive(
+        self, key: str, source: str, now: float, window: float, body: bytes, plan: str
+    ) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            if not _fresh_key(conn, key, source, now, window):
+                return False
+            if self._received is not None:
+                self._received.append((now, source, body, plan))
+            else:
+                _insert_inbox(conn, [(now, source, body, plan)])
+            return True
+
+        return await self._write(op)
+
+    async def inbox(self, limit: int) -> list[Received]:
+        def q(conn: sqlite3.Connection) -> list[Received]:
+            return [Received(*row) for row in conn.execute(
+                "SELECT id, received_at, source, body, plan FROM inbox WHERE error IS NULL "
+                "ORDER BY id LIMIT ?", (limit,),
+            )]
+
+        return await self._read(q)
+
+    async def received(self, message_id: str) -> Received | None:
+        def q(conn: sqlite3.Connection) -> Received | None:
+            # ids are hex: no LIKE wildcards; the inbox is short unless the planner is behind
+            row = conn.execute(
+                "SELECT id, received_at, source, body, plan, error FROM inbox WHERE plan LIKE ? LIMIT 1",
+                (f'%"{message_id}"%',),
+            ).fetchone()
+            return None if row is None else Received(*row)
+
+        if not message_id.isalnum():
+            return None
+        return await self._read(q)
+
+    async def planned(self, done: Sequence[tuple[int, Sequence[NewMessage], float]],
+                      failed: Sequence[tuple[int, str]] = ()) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            _insert(conn, [(m, at) for _, messages, at in done for m in messages])
+            conn.executemany("DELETE FROM inbox WHERE id=?", [(i,) for i, _, _ in done])
+            conn.executemany("UPDATE inbox SET error=? WHERE id=?", [(e, i) for i, e in failed])
+
+        await self._write(op)
 
     async def claim(
         self, now: float, limit: int, lease: float,
@@ -479,10 +552,31 @@ class SQLiteStore:
             held = conn.execute(
                 "SELECT count(*) FROM recipients INDEXED BY recipients_held WHERE state='held'"
             ).fetchone()[0]
+            inbox, inbox_oldest, inbox_failed = conn.execute(
+                "SELECT count(*), min(received_at), count(error) FROM inbox"
+            ).fetchone()
+            if inbox_oldest is not None and (oldest is None or inbox_oldest < oldest):
+                oldest = inbox_oldest  # waiting to be planned is waiting too
             return OutboxStats(pending=pending, oldest_pending_created_at=oldest,
-                               by_state=by_state, held_recipients=held)
+                               by_state=by_state, held_recipients=held,
+                               inbox=inbox - inbox_failed, inbox_failed=inbox_failed)
 
         return await self._read(q)
+
+
+def _fresh_key(conn: sqlite3.Connection, key: str, source: str, now: float, window: float) -> bool:
+    """Record a notification's dedup key; False when it is a replay. One statement: a new key
+    is inserted, a key older than the window renewed, one inside the window left alone."""
+    return bool(conn.execute(
+        "INSERT INTO notifications(dedup_key, source, received_at) VALUES (?,?,?) "
+        "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at "
+        "WHERE notifications.received_at<=?",
+        (key, source, now, now - window),
+    ).rowcount)
+
+
+def _insert_inbox(conn: sqlite3.Connection, rows: Sequence[tuple[float, str, bytes, str]]) -> None:
+    conn.executemany("INSERT INTO inbox(received_at, source, body, plan) VALUES (?,?,?,?)", rows)
 
 
 def _insert(conn: sqlite3.Connection, pairs: Sequence[tuple[NewMessage, float]]) -> None:
