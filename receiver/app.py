@@ -62,7 +62,6 @@ class Receiver:
             store=self.store,
             snapshot=lambda: self._snapshot,
             metrics=self.metrics,
-            clock=self.clock,
             planned=self.dispatcher.wake,
         )
         self.worker: Worker | None = None  # the worker process, when the work runs there
@@ -179,28 +178,22 @@ class Receiver:
             await asyncio.sleep(PRUNE_INTERVAL)
 
     def wake_planner(self) -> None:
-        """A notification is in the inbox."""
-        if self.worker is not None:
-            self.worker.wake()
-        else:
-            self.planner.wake()
+        """A notification is in the inbox (a worker process wakes both its stages)."""
+        (self.worker or self.planner).wake()
 
     def wake_dispatcher(self) -> None:
         """Messages are in the outbox."""
-        if self.worker is not None:
-            self.worker.wake()
-        else:
-            self.dispatcher.wake()
+        (self.worker or self.dispatcher).wake()
 
     async def health(self) -> Health:
         """How the planner and the dispatcher are doing, wherever they run."""
         if self.worker is not None:
             return await self.worker.health()
         last = self.dispatcher.last_run
+        age = None if last is None else self.clock.monotonic() - last
         return Health(
-            running=last is not None
-            and self.clock.monotonic() - last <= max(5.0, 3 * self.config.dispatch.poll_interval),
-            last_run_age=None if last is None else self.clock.monotonic() - last,
+            running=age is not None and age <= max(5.0, 3 * self.config.dispatch.poll_interval),
+            last_run_age=age,
             error=self.dispatcher.last_error or self.planner.last_error,
         )
 

@@ -86,13 +86,20 @@ async def _serve(cfg: Config, config_path: Path, listen: str, log_format: str,
     await receiver.stop()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load_or_report(path: str) -> Config | None:
+    """The config, or None after printing every error to stderr."""
     try:
-        cfg = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
-        print(f"invalid config {args.config}:", file=sys.stderr)
+        print(f"invalid config {path}:", file=sys.stderr)
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     log_format = args.log_format or cfg.log_format
     setup_logging(log_format)
@@ -118,10 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """The worker process that ``run`` starts (see receiver/worker.py); not for direct use."""
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid config {args.config}: " + "; ".join(exc.errors), file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     setup_logging(args.log_format or cfg.log_format)
     from receiver.app import Receiver

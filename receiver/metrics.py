@@ -210,9 +210,8 @@ class Metrics:
             p + "dispatcher_last_run_timestamp_seconds", "When the dispatcher loop last ran.",
             registry=r,
         )
-        Info(p + "build", "Build information.", registry=r).info(
-            {"version": __version__, "python": platform.python_version()}
-        )
+        self.build = Info(p + "build", "Build information.", registry=r)
+        self.build.info({"version": __version__, "python": platform.python_version()})
         self._init_static()
 
     def _init_static(self) -> None:
@@ -257,9 +256,10 @@ class Metrics:
     def worker_exposition(self) -> bytes:
         """The exposition a worker process hands to the web process: without the gauges the web
         process owns (reload state, outbox gauges it sets at each scrape, build info)."""
-        own = {m._name for m in (self.reload_ok, self.reload_ts, self.dry_run, self.outbox_pending,  # noqa: SLF001
-                                 self.outbox_oldest_age, self.outbox_messages, self.held_recipients,
-                                 self.inbox)} | {"sms_receiver_build"}
+        own = {fam.name for m in (self.reload_ok, self.reload_ts, self.dry_run, self.outbox_pending,
+                                  self.outbox_oldest_age, self.outbox_messages,
+                                  self.held_recipients, self.inbox, self.build)
+               for fam in m.describe()}
         return generate_latest(_Families([f for f in self.registry.collect() if f.name not in own]))  # type: ignore[arg-type]
 
     def count_planned(self, messages: Iterable[NewMessage]) -> None:
@@ -305,7 +305,7 @@ def merge_expositions(*texts: bytes) -> bytes:
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
         for fam in text_string_to_metric_families(text.decode()):
-            have = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+            families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
             merged = values.setdefault(fam.name, {})
             for sample in fam.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
@@ -318,5 +318,6 @@ def merge_expositions(*texts: bytes) -> bytes:
                     merged[key] = old + sample.value
                 elif fam.type == "gauge":
                     merged[key] = max(old, sample.value)
-            have.samples = [Sample(name, dict(labels), value) for (name, labels), value in merged.items()]
+    for name, fam in families.items():
+        fam.samples = [Sample(s, dict(labels), value) for (s, labels), value in values[name].items()]
     return generate_latest(_Families(list(families.values())))  # type: ignore[arg-type]

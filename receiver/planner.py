@@ -14,9 +14,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from receiver.clock import Clock
 from receiver.ingest import parse_webhook
 from receiver.metrics import Metrics
+from receiver.models import NewMessage
 from receiver.pipeline import Snapshot, render_routed
 from receiver.store import Store, StoreError
 
@@ -26,12 +26,13 @@ BATCH = 100  # inbox rows per transaction: short write locks, few commits
 
 
 class Planner:
+    """Needs no clock: a notification is planned as of the time it was received."""
+
     def __init__(self, *, store: Store, snapshot: Callable[[], Snapshot], metrics: Metrics,
-                 clock: Clock, planned: Callable[[], None]) -> None:
+                 planned: Callable[[], None]) -> None:
         self._store = store
         self._snapshot = snapshot
         self._metrics = metrics
-        self._clock = clock
         self._planned = planned  # new messages are in the outbox (wakes the dispatcher)
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one pass at a time (drain() may run beside run())
@@ -53,7 +54,7 @@ class Planner:
             self._wake.clear()
 
     async def drain(self) -> None:
-        """Plan everything received so far (tests, shutdown)."""
+        """Plan everything received so far (tests)."""
         while await self.run_once():
             pass
 
@@ -86,8 +87,7 @@ class Planner:
             done.append((row.id, messages, row.received_at))
             log.info("planned %s notification %d: alerts=%d group_key=%r messages=%s",
                      row.source, row.id, len(notification.alerts), notification.group_key,
-                     ",".join(f"{m.id}({m.group_id}{', held ' + m.hold_reason if m.hold_reason else ''})"
-                              for m in messages) or "-")
+                     ",".join(_describe(m) for m in messages) or "-")
         try:
             await self._store.planned(done, failed)
         except StoreError as exc:
@@ -105,3 +105,8 @@ class Planner:
         if self.last_error is None:
             log.error("planner cannot read or write the outbox: %s", exc)
         self.last_error = str(exc)
+
+
+def _describe(message: NewMessage) -> str:
+    held = f", held {message.hold_reason}" if message.hold_reason else ""
+    return f"{message.id}({message.group_id}{held})"

@@ -98,13 +98,14 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
     m = r.metrics
     start = r.clock.monotonic()
 
-    def done(outcome: str, response: web.Response, **fields: Any) -> web.Response:
+    def done(outcome: str, response: web.Response,
+             about: Callable[[], dict[str, Any]] | None = None, **fields: Any) -> web.Response:
         m.webhooks.labels(source, outcome).inc()
         # accepted webhooks are logged by the planner (with their messages) once planned
         level = logging.DEBUG if outcome in ("accepted", "duplicate") else logging.WARNING
         if not log.isEnabledFor(level):
             return response
-        details = " ".join(f"{k}={v}" for k, v in fields.items())
+        details = " ".join(f"{k}={v}" for k, v in {**(about() if about else {}), **fields}.items())
         log.log(level, "webhook source=%s outcome=%s status=%d %s duration_ms=%.1f",
                 source, outcome, response.status, details, (r.clock.monotonic() - start) * 1000)
         return response
@@ -136,13 +137,14 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
         return done("store_error", _error(503, "could not store the notification; retry"),
                     error=repr(str(exc)))
 
-    groups = ",".join(d.group_id for d in routing.deliveries) or "-"
-    fields = {"alerts": len(notification.alerts), "group_key": repr(notification.group_key),
-              "groups": groups}
+    def about() -> dict[str, Any]:  # built only when the line is logged (debug)
+        return {"alerts": len(notification.alerts), "group_key": repr(notification.group_key),
+                "groups": ",".join(d.group_id for d in routing.deliveries) or "-"}
+
     if not fresh:
         for d in routing.deliveries:
             m.sms_deduplicated.labels(d.group_id).inc()
-        return done("duplicate", _json({"status": "duplicate", "messages": []}), **fields)
+        return done("duplicate", _json({"status": "duplicate", "messages": []}), about)
 
     r.wake_planner()
     for d in routing.deliveries:
@@ -162,7 +164,7 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
             "unrouted": len(routing.unrouted),
             "filtered": len(routing.filtered),
         }),
-        **fields,
+        about,
     )
 
 

@@ -64,7 +64,6 @@ class Worker:
         self._supervisor: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
-        self.restarts = 0
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -99,7 +98,6 @@ class Worker:
             code = await self._proc.wait()
             if self._stopping:
                 return
-            self.restarts += 1
             log.error("worker process %d exited with %s; starting it again in %.0f s "
                       "(what is received waits in the inbox)", self._proc.pid, code, RESTART_DELAY)
             await asyncio.sleep(RESTART_DELAY)
@@ -115,11 +113,11 @@ class Worker:
             if exc.errno not in (errno.EAGAIN, errno.EPIPE):
                 raise
 
-    async def _call(self, method: str, path: str) -> Any:
+    async def _call(self, method: str, path: str, *, raw: bool = False) -> Any:
         assert self._session is not None
         async with self._session.request(method, f"http://worker{path}") as resp:
             resp.raise_for_status()
-            return await (resp.read() if path == "/metrics" else resp.json())
+            return await (resp.read() if raw else resp.json())
 
     async def health(self) -> Health:
         try:
@@ -130,7 +128,7 @@ class Worker:
 
     async def metrics(self) -> bytes:
         try:
-            return bytes(await self._call("GET", "/metrics"))
+            return bytes(await self._call("GET", "/metrics", raw=True))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("could not read the worker's metrics: %s", exc or type(exc).__name__)
             return b""
