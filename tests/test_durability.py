@@ -7,11 +7,10 @@ import asyncio
 import json
 from pathlib import Path
 
-import yaml
 
-from tests.conftest import API_KEY, Fake, eventually
-from tests.helpers import BASE, fixture
-from tests.tools import ReceiverProcess, free_port
+from tests.conftest import Fake, eventually
+from tests.helpers import fixture
+from tests.tools import ReceiverProcess, free_port, receiver_config
 
 
 def unique_payloads(n: int) -> list[bytes]:
@@ -27,14 +26,9 @@ def unique_payloads(n: int) -> list[bytes]:
 
 
 async def test_kill9_restart_delivers_everything_exactly_once(tmp_path: Path, fake: Fake, http):
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        **BASE,
-        "storage": f"sqlite://{tmp_path}/outbox.db",
-        "clickatell": {"api_key": API_KEY, "base_url": fake.url, "timeout": "2s"},
-        "dispatch": {"retry_initial": "100ms", "retry_max": "200ms", "poll_interval": "100ms",
-                     "lease": "2s"},
-    }))
+    config = receiver_config(tmp_path, fake.url, {
+        "retry_initial": "100ms", "retry_max": "200ms", "poll_interval": "100ms", "lease": "2s",
+    })
     proc = ReceiverProcess(config, free_port(), tmp_path / "receiver.log")
     n = 40
     try:

@@ -17,9 +17,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import API_KEY, Fake, eventually
-from tests.helpers import BASE
-from tests.tools import ReceiverProcess, free_port, need, terminate, until_ready
+from tests.conftest import Fake, eventually
+from tests.tools import ReceiverProcess, free_port, need, receiver_config, terminate, until_ready
 
 TOKEN = "e2e-webhook-token"
 
@@ -42,14 +41,12 @@ async def stack(tmp_path: Path, fake: Fake, http: aiohttp.ClientSession) -> Asyn
     alertmanager = need("prometheus-alertmanager")
     rx_port, am_port = free_port(), free_port()
     db = tmp_path / "outbox.db"
-    rx_config = tmp_path / "receiver.yaml"
-    rx_config.write_text(yaml.safe_dump({
-        **BASE,
-        "storage": f"sqlite://{db}?busy_timeout=200ms",  # a locked outbox fails fast: 503
-        "webhook_auth": {"bearer_tokens": [TOKEN]},
-        "clickatell": {"api_key": API_KEY, "base_url": fake.url, "timeout": "2s"},
-        "dispatch": {"retry_initial": "100ms", "retry_max": "500ms", "poll_interval": "100ms"},
-    }))
+    rx_config = receiver_config(
+        tmp_path, fake.url,
+        {"retry_initial": "100ms", "retry_max": "500ms", "poll_interval": "100ms"},
+        storage=f"sqlite://{db}?busy_timeout=200ms",  # a locked outbox fails fast: 503
+        webhook_auth={"bearer_tokens": [TOKEN]},
+    )
     am_config = tmp_path / "alertmanager.yml"
     am_config.write_text(yaml.safe_dump({
         "route": {"receiver": "sms", "group_by": ["alertname"], "group_wait": "1s",

@@ -9,13 +9,12 @@ import os
 import signal
 from pathlib import Path
 
-import yaml
 from prometheus_client import generate_latest
 
 from receiver.metrics import Metrics, merge_expositions
-from tests.conftest import API_KEY, Fake, eventually
-from tests.helpers import BASE, fixture
-from tests.tools import ReceiverProcess, free_port
+from tests.conftest import Fake, eventually
+from tests.helpers import fixture
+from tests.tools import ReceiverProcess, free_port, receiver_config
 
 FIRING = fixture("alertmanager-0.25-firing.json")
 
@@ -87,26 +86,13 @@ def test_merged_metrics_add_counters_and_keep_the_setters_gauges():
     assert 'sms_receiver_sms_sent_total{group="db"} 10.0' in doubled
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(p) for p in (task / "children").read_text().split()]
-    return out
-
-
 async def test_run_plans_and_sends_in_a_worker_that_is_restarted(tmp_path: Path, fake: Fake, http):
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        **BASE,
-        "storage": f"sqlite://{tmp_path}/outbox.db",
-        "clickatell": {"api_key": API_KEY, "base_url": fake.url, "timeout": "2s"},
-        "dispatch": {"poll_interval": "100ms"},
-    }))
+    config = receiver_config(tmp_path, fake.url, {"poll_interval": "100ms"})
     proc = ReceiverProcess(config, free_port(), tmp_path / "receiver.log")
     try:
         await proc.start(http)
         assert proc.proc is not None
-        (worker,) = _children(proc.proc.pid)
+        (worker,) = proc.workers()
         assert os.getpriority(os.PRIO_PROCESS, worker) > os.getpriority(os.PRIO_PROCESS, proc.proc.pid)
 
         async def post(name: str) -> None:
@@ -132,7 +118,7 @@ async def test_run_plans_and_sends_in_a_worker_that_is_restarted(tmp_path: Path,
         await post("Second")  # answered while no worker runs: it waits in the inbox
 
         async def restarted() -> bool:
-            return len(_children(proc.proc.pid)) == 1 and _children(proc.proc.pid) != [worker]
+            return len(proc.workers()) == 1 and proc.workers() != [worker]
 
         await eventually(restarted, timeout=10)
         await eventually(lambda: sent(2), timeout=10)

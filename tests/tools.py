@@ -10,11 +10,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
-from tests.conftest import eventually
+from tests.conftest import API_KEY, eventually
+from tests.helpers import BASE
 
 ROOT = Path(__file__).parent.parent
 
@@ -58,6 +61,20 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+def receiver_config(tmp_path: Path, clickatell_url: str, dispatch: dict[str, Any], **extra: Any) -> Path:
+    """A config file for ``sms-receiver run``: BASE, an outbox in ``tmp_path``, the fake
+    Clickatell at ``clickatell_url``, these dispatch settings, ``extra`` top-level keys."""
+    path = tmp_path / "receiver.yaml"
+    path.write_text(yaml.safe_dump({
+        **BASE,
+        "storage": f"sqlite://{tmp_path}/outbox.db",
+        "clickatell": {"api_key": API_KEY, "base_url": clickatell_url, "timeout": "2s"},
+        "dispatch": dispatch,
+        **extra,
+    }))
+    return path
+
+
 class ReceiverProcess:
     """`sms-receiver run` as a child process on 127.0.0.1, for kill -9 and end-to-end tests."""
 
@@ -78,6 +95,12 @@ class ReceiverProcess:
             )
 
         await until_ready(http, self.url)
+
+    def workers(self) -> list[int]:
+        """Pids of the worker process(es) it started."""
+        assert self.proc is not None
+        return [int(pid) for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
 
     def kill9(self) -> None:
         assert self.proc is not None
