@@ -224,7 +224,8 @@ class Receiver:
                 if getattr(new, key) != getattr(old, key):
                     log.warning("config reload: %s changed; it takes effect after a restart", key)
             self._snapshot = Snapshot.build(new)
-            if new.clickatell.model_dump() != old.clickatell.model_dump():
+            # the client sends from wherever dispatch runs: the worker process makes its own
+            if self.worker is None and new.clickatell.model_dump() != old.clickatell.model_dump():
                 previous, self._client = self._client, self._new_client(new)
                 # requests in flight on the old client finish first
                 asyncio.get_running_loop().call_later(

@@ -57,15 +57,20 @@ class Worker:
     def __init__(self, config_path: Path, log_format: str) -> None:
         self.config_path = config_path
         self.log_format = log_format
-        self._dir = Path(tempfile.mkdtemp(prefix="sms-receiver-"))
-        self.socket = self._dir / "worker.sock"
+        self._dir: Path | None = None  # holds the control socket; made by start()
         self._proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
 
+    @property
+    def socket(self) -> Path:
+        assert self._dir is not None, "start() first"
+        return self._dir / "worker.sock"
+
     async def start(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="sms-receiver-"))
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(self.socket)),
             timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT),
@@ -157,7 +162,8 @@ class Worker:
             self._wake_w = None
         if self._session is not None:
             await self._session.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
