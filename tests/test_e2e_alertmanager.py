@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
+from receiver.store.sqlite import inbox_path
 from tests.conftest import Fake, eventually
 from tests.tools import ReceiverProcess, free_port, need, receiver_config, terminate, until_ready
 
@@ -115,8 +116,8 @@ async def test_firing_then_resolved_with_bearer_auth(stack: Stack, fake: Fake, h
 
 async def test_store_outage_answers_5xx_alertmanager_retries_page_delivered(stack: Stack, fake: Fake, http):
     url = stack.receiver.url
-    lock = sqlite3.connect(stack.db, timeout=5, isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")  # another process holds the outbox's write lock: it cannot commit
+    lock = sqlite3.connect(inbox_path(str(stack.db)), timeout=5, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # another process holds the inbox's write lock: it cannot commit
     try:
         await post_alert(http, stack.am_url, "E2EOutage")
         series = 'sms_receiver_webhooks_received_total{outcome="store_error",source="alertmanager"}'

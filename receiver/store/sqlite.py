@@ -1,13 +1,15 @@
-"""The embedded outbox on SQLite (WAL, ``synchronous=FULL``).
+"""The embedded outbox on SQLite (WAL, ``synchronous=FULL``), in two files.
 
-All writes go through one writer thread that *group-commits*: every write requested while the
-previous transaction was running is applied in the next single transaction, each inside its own
-savepoint (so one failing write does not fail the others), then one COMMIT and one fsync for the
-lot. Under load that turns thousands of webhooks a second into a few dozen fsyncs.
+``outbox.db`` holds messages, recipients and sends; ``outbox.inbox.db`` beside it holds the
+inbox and the webhooks' dedup keys. A webhook is answered once it is committed to the inbox
+file, whose write lock only the web process takes in a storm: the worker's commits (planning,
+claims, results) lock the other file, so they never hold a webhook's answer back. The planner
+moves a notification across in two commits, messages first (``INSERT OR IGNORE`` by their ids,
+fixed on receipt) and then the inbox row, so a crash in between only repeats a harmless step.
 
-The stdlib ``sqlite3`` module is used in dedicated threads rather than aiosqlite because a
-group commit must run a whole batch of statements in one hop to the database thread, which
-aiosqlite's per-statement API does not offer.
+Each file is written by one thread that group-commits (:mod:`receiver.store.writer`). The stdlib
+``sqlite3`` module is used rather than aiosqlite because a group commit must run a whole batch of
+statements in one hop to the database thread, which aiosqlite's per-statement API does not offer.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -38,6 +39,7 @@ from receiver.store import (
     StoreError,
     Throttle,
 )
+from receiver.store.writer import GroupCommit
 from receiver.summary import Entry, Summary, bundle, count_alerts, digest
 
 T = TypeVar("T")
@@ -105,9 +107,13 @@ CREATE TABLE IF NOT EXISTS sends (
 );
 CREATE INDEX IF NOT EXISTS sends_number ON sends(number, sent_at);
 CREATE INDEX IF NOT EXISTS sends_at ON sends(sent_at);
--- Notifications answered 2xx but not yet turned into messages (the planner's queue). A row
--- leaves in the transaction that inserts its messages; one that could not be planned keeps
--- its error and stays for an operator.
+"""
+
+# The inbox file. Notifications answered 2xx but not yet turned into messages (the planner's
+# queue): a row leaves once its messages are committed to the outbox; one that could not be
+# planned keeps its error and stays for an operator. inbox_keys: the webhooks' dedup keys
+# (``notifications`` in the outbox holds those of /send).
+INBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
     id          INTEGER PRIMARY KEY,
     received_at REAL NOT NULL,
@@ -116,6 +122,12 @@ CREATE TABLE IF NOT EXISTS inbox (
     plan        TEXT NOT NULL,
     error       TEXT
 );
+CREATE TABLE IF NOT EXISTS inbox_keys (
+    dedup_key   TEXT PRIMARY KEY,
+    source      TEXT NOT NULL,
+    received_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbox_keys_received ON inbox_keys(received_at);
 """
 
 # Columns added after the first release: added in place to an older outbox file.
@@ -136,172 +148,87 @@ _RECIPIENT_COLUMNS = (
 _DONE = "('sent','partial','failed','dead','dry_run','suppressed','bundled','collapsed')"
 
 
-class _Op:
-    __slots__ = ("fn", "future")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]):
-        self.fn = fn
-        self.future = future
+def inbox_path(path: str) -> str | None:
+    """The inbox file beside an outbox file (``outbox.db`` → ``outbox.inbox.db``); None for
+    ``:memory:``, which keeps both in its one connection."""
+    return None if path == ":memory:" else str(Path(path).with_suffix(".inbox.db"))
 
 
 class SQLiteStore:
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self.inbox_path = inbox_path(path)
         self.busy_timeout = busy_timeout
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._w = GroupCommit("writer", busy_timeout)
+        self._iw = GroupCommit("inbox", busy_timeout) if self.inbox_path else self._w
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
-        self._w: sqlite3.Connection | None = None
         self._r: sqlite3.Connection | None = None
-        self._queue: list[_Op] = []
-        self._flusher: asyncio.Task[None] | None = None
-        # rows of the running group commit, inserted at its end (writer thread only)
-        self._deferred: list[tuple[NewMessage, float]] | None = None
-        self._received: list[tuple[float, str, bytes, str]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout
-        )
+    def _connect(self, path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # an answered webhook survives power loss too
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return conn
 
-    async def open(self) -> None:
-        def setup() -> sqlite3.Connection:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = self._connect()
-            # The writer waits for the write lock itself (_begin): SQLite's own busy handler
-            # sleeps 1, 2, 5, 10 … ms between tries, far longer than another process holds it.
-            conn.execute("PRAGMA busy_timeout=0")
+    def _setup(self, path: str, schema: str) -> sqlite3.Connection:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect(path)
+        conn.execute("PRAGMA busy_timeout=0")  # the writer waits for the lock itself (GroupCommit)
+        if schema is SCHEMA:
             for table, columns in _ADDED_COLUMNS.items():
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 for column in columns:
                     if have and column.split()[0] not in have:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-            conn.executescript(SCHEMA)
-            return conn
+        conn.executescript(schema)
+        if path == ":memory:":
+            conn.executescript(INBOX_SCHEMA)
+        return conn
 
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = self._connect(self.path)
+        conn.execute("ATTACH DATABASE ? AS ib", (self.inbox_path,))  # the inbox tables by their names
+        return conn
+
+    async def open(self) -> None:
         try:
-            self._w = await self._in(self._writer, setup)
-            # ":memory:" is private to its connection: read through the writer then.
-            self._r = self._w if self.path == ":memory:" else await self._in(self._reader, self._connect)
+            conn = await self._w.open(lambda: self._setup(self.path, SCHEMA))
+            if self.inbox_path is None:  # ":memory:" is private to its connection: read through the writer
+                self._r = conn
+                return
+            await self._iw.open(lambda: self._setup(self.inbox_path, INBOX_SCHEMA))
+            await self._w.call(_move_inbox, conn, self.inbox_path)
+            self._r = await asyncio.get_running_loop().run_in_executor(self._reader, self._connect_reader)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite outbox {self.path!r}: {exc}") from exc
 
     async def close(self) -> None:
-        if self._flusher:
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        if self._r is not None and self._r is not self._w:
-            await self._in(self._reader, self._r.close)
-        if self._w is not None:
-            await self._in(self._writer, self._w.close)
-        self._writer.shutdown(wait=True)
+        if self._r is not None and self._r is not self._w.conn:
+            await asyncio.get_running_loop().run_in_executor(self._reader, self._r.close)
+        if self._iw is not self._w:
+            await self._iw.close()
+        await self._w.close()
         self._reader.shutdown(wait=True)
-        self._w = self._r = None
+        self._r = None
 
     # -- plumbing -------------------------------------------------------------------------------
-
-    @staticmethod
-    async def _in(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._r is None:
             raise StoreError("the outbox is not open")
-        pool = self._writer if self._r is self._w else self._reader
         try:
-            return await self._in(pool, fn, self._r)
+            if self._r is self._w.conn:
+                return await self._w.call(fn, self._r)
+            return await asyncio.get_running_loop().run_in_executor(self._reader, fn, self._r)
         except sqlite3.Error as exc:
             raise StoreError(f"outbox read failed: {exc}") from exc
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in the next group commit; return once that commit is durable."""
-        if self._w is None:
-            raise StoreError("the outbox is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(fn, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                results = await self._in(self._writer, self._commit, batch)
-            except Exception as exc:  # the COMMIT itself failed: nothing of the batch is stored
-                err = StoreError(f"outbox write failed: {exc}")
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(err)
-                continue
-            for op, (ok, value) in zip(batch, results):
-                if op.future.done():
-                    continue
-                if ok:
-                    op.future.set_result(value)
-                else:
-                    op.future.set_exception(
-                        value if isinstance(value, StoreError) else StoreError(f"outbox write failed: {value}")
-                    )
-
-    def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, waiting up to ``busy_timeout`` while another process (the worker,
-        another replica) holds the write lock: tries every 0.1 ms at first, then up to 2 ms."""
-        deadline = time.monotonic() + self.busy_timeout
-        pause = 0.0001
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.002)
-
-    def _commit(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
-        """Apply a batch in one transaction. Fast path: every op straight through. If one
-        raises, the transaction is rolled back and the batch replayed with a savepoint per op,
-        so that op fails alone (ops are pure database work, safe to run twice)."""
-        conn = self._w
-        assert conn is not None
-        self._begin(conn)
-        try:
-            try:
-                # Accepted messages are inserted for the whole batch at once (two statements
-                # rather than two per webhook): fewer trips through the sqlite3 module.
-                self._deferred, self._received = [], []
-                results: list[tuple[bool, Any]] = [(True, op.fn(conn)) for op in batch]
-                if self._deferred:
-                    _insert(conn, self._deferred)
-                if self._received:
-                    _insert_inbox(conn, self._received)
-            except Exception:
-                self._deferred = self._received = None
-                conn.execute("ROLLBACK")
-                self._begin(conn)
-                results = []
-                for op in batch:
-                    conn.execute("SAVEPOINT op")
-                    try:
-                        results.append((True, op.fn(conn)))
-                    except Exception as exc:
-                        conn.execute("ROLLBACK TO op")
-                        results.append((False, exc))
-                    conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            self._deferred = self._received = None
-        return results
+        return await self._w.write(fn)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -309,12 +236,10 @@ class SQLiteStore:
         self, key: str, source: str, now: float, window: float, messages: Sequence[NewMessage]
     ) -> AcceptResult:
         def op(conn: sqlite3.Connection) -> AcceptResult:
-            if not _fresh_key(conn, key, source, now, window):
+            if not _fresh_key(conn, "notifications", key, source, now, window):
                 return AcceptResult(duplicate=True)
-            if self._deferred is not None:
-                self._deferred.extend((m, now) for m in messages)
-            else:
-                _insert(conn, [(m, now) for m in messages])
+            for m in messages:
+                self._w.defer(conn, _insert, (m, now))
             return AcceptResult(duplicate=False, message_ids=tuple(m.id for m in messages))
 
         return await self._write(op)
@@ -323,15 +248,12 @@ class SQLiteStore:
         self, key: str, source: str, now: float, window: float, body: bytes, plan: str
     ) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            if not _fresh_key(conn, key, source, now, window):
+            if not _fresh_key(conn, "inbox_keys", key, source, now, window):
                 return False
-            if self._received is not None:
-                self._received.append((now, source, body, plan))
-            else:
-                _insert_inbox(conn, [(now, source, body, plan)])
+            self._iw.defer(conn, _insert_inbox, (now, source, body, plan))
             return True
 
-        return await self._write(op)
+        return await self._iw.write(op)
 
     async def inbox(self, limit: int) -> list[Received]:
         def q(conn: sqlite3.Connection) -> list[Received]:
@@ -357,12 +279,15 @@ class SQLiteStore:
 
     async def planned(self, done: Sequence[tuple[int, Sequence[NewMessage], float]],
                       failed: Sequence[tuple[int, str]] = ()) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            _insert(conn, [(m, at) for _, messages, at in done for m in messages])
+        rows = [(m, at) for _, messages, at in done for m in messages]
+
+        def clear(conn: sqlite3.Connection) -> None:
             conn.executemany("DELETE FROM inbox WHERE id=?", [(i,) for i, _, _ in done])
             conn.executemany("UPDATE inbox SET error=? WHERE id=?", [(e, i) for i, e in failed])
 
-        await self._write(op)
+        if rows:  # messages first: planned again after a crash in between, they are kept as they are
+            await self._w.write(lambda conn: _insert(conn, rows, again=True))
+        await self._iw.write(clear)
 
     async def claim(
         self, now: float, limit: int, lease: float,
@@ -497,22 +422,26 @@ class SQLiteStore:
                 marks = ",".join("?" * len(chunk))
                 n += conn.execute(f"DELETE FROM recipients WHERE message_id IN ({marks})", chunk).rowcount
                 n += conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk).rowcount
-            n += conn.execute(
-                "DELETE FROM notifications WHERE dedup_key IN (SELECT dedup_key FROM notifications "
-                "WHERE received_at<? LIMIT ?)", (before if keys_before is None else keys_before, limit),
-            ).rowcount
+            n += _prune_keys(conn, "notifications", keys, limit)
             n += conn.execute(
                 "DELETE FROM sends WHERE rowid IN (SELECT rowid FROM sends WHERE sent_at<? LIMIT ?)",
                 (before if sends_before is None else sends_before, limit),
             ).rowcount
             return n
 
-        return await self._write(op)
+        keys = before if keys_before is None else keys_before
+        pruned = await self._write(op)
+        return pruned + await self._iw.write(lambda conn: _prune_keys(conn, "inbox_keys", keys, limit))
 
     # -- reads ----------------------------------------------------------------------------------
 
     async def ping(self) -> None:
+        """Raises while a file cannot be written: the last commit to it failed and an empty
+        transaction fails too (another process holds its lock past the busy timeout)."""
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        for writer in {self._w, self._iw}:
+            if writer.failing is not None:
+                await writer.write(lambda conn: None)
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         def q(conn: sqlite3.Connection) -> MessageRecord | None:
@@ -564,29 +493,57 @@ class SQLiteStore:
         return await self._read(q)
 
 
-def _fresh_key(conn: sqlite3.Connection, key: str, source: str, now: float, window: float) -> bool:
-    """Record a notification's dedup key; False when it is a replay. One statement: a new key
-    is inserted, a key older than the window renewed, one inside the window left alone."""
+def _fresh_key(conn: sqlite3.Connection, table: str, key: str, source: str, now: float,
+               window: float) -> bool:
+    """Record a notification's dedup key in ``table``; False when it is a replay. One statement:
+    a new key is inserted, a key older than the window renewed, one inside the window left alone."""
     return bool(conn.execute(
-        "INSERT INTO notifications(dedup_key, source, received_at) VALUES (?,?,?) "
+        f"INSERT INTO {table}(dedup_key, source, received_at) VALUES (?,?,?) "
         "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at "
-        "WHERE notifications.received_at<=?",
+        f"WHERE {table}.received_at<=?",
         (key, source, now, now - window),
     ).rowcount)
+
+
+def _move_inbox(conn: sqlite3.Connection, inbox_file: str) -> None:
+    """An outbox from before the inbox had a file of its own: what waits in its inbox moves
+    over (a crash half-way plans a notification twice, which keeps its messages as they are)."""
+    if conn.execute("SELECT 1 FROM sqlite_schema WHERE type='table' AND name='inbox'").fetchone() is None:
+        return
+    conn.execute("ATTACH DATABASE ? AS ib", (inbox_file,))
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO ib.inbox(received_at, source, body, plan, error) "
+                     "SELECT received_at, source, body, plan, error FROM main.inbox ORDER BY id")
+        conn.execute("DROP TABLE main.inbox")
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.execute("DETACH DATABASE ib")
+
+
+def _prune_keys(conn: sqlite3.Connection, table: str, before: float, limit: int) -> int:
+    return conn.execute(
+        f"DELETE FROM {table} WHERE dedup_key IN (SELECT dedup_key FROM {table} WHERE received_at<? LIMIT ?)",
+        (before, limit),
+    ).rowcount
 
 
 def _insert_inbox(conn: sqlite3.Connection, rows: Sequence[tuple[float, str, bytes, str]]) -> None:
     conn.executemany("INSERT INTO inbox(received_at, source, body, plan) VALUES (?,?,?,?)", rows)
 
 
-def _insert(conn: sqlite3.Connection, pairs: Sequence[tuple[NewMessage, float]]) -> None:
-    """Insert messages, each with the time it was accepted, and their recipients."""
+def _insert(conn: sqlite3.Connection, pairs: Sequence[tuple[NewMessage, float]], again: bool = False) -> None:
+    """Insert messages, each with the time it was accepted, and their recipients. ``again``:
+    a message whose id is already stored is left as it is (planned a second time)."""
+    verb = "INSERT OR IGNORE" if again else "INSERT"
 
     def state(m: NewMessage) -> str:
         return "suppressed" if m.suppressed else "held" if m.hold_until is not None else "pending"
 
     conn.executemany(
-        "INSERT INTO messages(id, created_at, source, group_id, level, priority, status, text, "
+        f"{verb} INTO messages(id, created_at, source, group_id, level, priority, status, text, "
         "encoding, parts, alert_count, template_error, state, next_attempt_at, updated_at, "
         "hold_reason, items) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         [
@@ -598,7 +555,7 @@ def _insert(conn: sqlite3.Connection, pairs: Sequence[tuple[NewMessage, float]])
         ],
     )
     conn.executemany(
-        "INSERT INTO recipients(message_id, number, state, updated_at, admitted) VALUES (?,?,?,?,?)",
+        f"{verb} INTO recipients(message_id, number, state, updated_at, admitted) VALUES (?,?,?,?,?)",
         [
             (m.id, number, "suppressed" if m.suppressed else "pending", at, int(m.admitted))
             for m, at in pairs for number in m.recipients
