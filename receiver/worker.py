@@ -60,6 +60,7 @@ class Worker:
         self._dir: Path | None = None  # holds the control socket; made by start()
         self._proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
+        self._wake_due = False
         self._supervisor: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -109,7 +110,16 @@ class Worker:
             await self._spawn()
 
     def wake(self) -> None:
-        """Tell the worker that something was stored. Never blocks: a full pipe already wakes it."""
+        """Tell the worker that something was stored, once per pass of the event loop however
+        many webhooks that pass answered (one write and one wake-up of the worker, not one per
+        webhook). Never blocks: a full pipe already wakes it."""
+        if self._wake_w is None or self._wake_due:
+            return
+        self._wake_due = True
+        asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_due = False
         if self._wake_w is None:
             return
         try:
