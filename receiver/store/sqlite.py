@@ -178,7 +178,6 @@ class SQLiteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect(path)
         conn.execute("PRAGMA busy_timeout=0")  # the writer waits for the lock itself (GroupCommit)
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # and checkpoints itself, after answering
         if schema is SCHEMA:
             for table, columns in _ADDED_COLUMNS.items():
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}

@@ -7,9 +7,7 @@ replayed with a savepoint per write.
 
 The thread takes the next batch itself as soon as a commit ends, rather than waiting for the
 event loop to hand it over: under load the loop is busy answering the previous batch, and the
-next commit runs meanwhile. It also checkpoints the WAL itself (the connection's automatic
-checkpoint is off), once the batch that filled it has been answered: inside a COMMIT, a
-checkpoint would hold that batch's answers back by its whole length (10-20 ms).
+next commit runs meanwhile.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from typing import Any, TypeVar
 from receiver.store import StoreError
 
 T = TypeVar("T")
-CHECKPOINT_EVERY = 32  # batches between WAL checkpoints: about SQLite's default 1,000 pages in a storm
 Insert = Callable[[sqlite3.Connection, list[Any]], None]
 
 
@@ -49,7 +46,6 @@ class GroupCommit:
         self._lock = threading.Lock()  # guards the two below, shared by the loop and the thread
         self._queue: list[_Op] = []
         self._committing = False  # the thread is committing batches (_drain)
-        self._since_checkpoint = 0  # batches (thread only)
         # rows deferred to the end of the running group commit, by insert function (thread only)
         self._later: dict[Insert, list[Any]] | None = None
 
@@ -103,18 +99,6 @@ class GroupCommit:
             except Exception as exc:  # the COMMIT itself failed: nothing of the batch is stored
                 outcome = exc
             loop.call_soon_threadsafe(self._settle, batch, outcome)
-            self._since_checkpoint += 1
-            if self._since_checkpoint >= CHECKPOINT_EVERY:
-                self._since_checkpoint = 0
-                self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        """Copy what the WAL holds into the database file, without waiting for readers."""
-        assert self.conn is not None
-        try:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error:
-            pass  # e.g. another process is checkpointing: the next one catches up
 
     def _settle(self, batch: list[_Op], outcome: list[tuple[bool, Any]] | Exception) -> None:
         """In the loop: answer the writes of a batch."""
