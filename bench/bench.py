@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from receiver.store.sqlite import inbox_path
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PYTHON = sys.executable
@@ -705,7 +707,7 @@ class Bench:
                     results[rows] = load
                 load.raw["receiver_ready_s"], load.raw["receiver_stop_s"] = r.ready_s, r.stop_s
             finally:
-                for path in (db, db.with_suffix(".inbox.db")):  # the outbox and its inbox file
+                for path in (str(db), inbox_path(str(db))):  # the outbox and its inbox file
                     for suffix in ("", "-wal", "-shm"):
                         Path(f"{path}{suffix}").unlink(missing_ok=True)
         small, large = (results[n] for n in p.rows)

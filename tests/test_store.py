@@ -1,4 +1,7 @@
 import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,25 @@ def msg(i: str, priority: int = 1, recipients=("+886911960999", "+886911960998")
                       alert_count=1, priority=priority)
 
 
+@asynccontextmanager
+async def opened(path: Path, older_schema: str | None = None) -> AsyncIterator[SQLiteStore]:
+    """A store on ``path``; with ``older_schema``, on a file an earlier release wrote."""
+    if older_schema is not None:
+        with closing(sqlite3.connect(path)) as conn:
+            conn.executescript(older_schema)
+            conn.commit()
+    s = SQLiteStore(str(path))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 @pytest.fixture
 async def store(tmp_path: Path):
-    s = SQLiteStore(str(tmp_path / "outbox.db"))
-    await s.open()
-    yield s
-    await s.close()
+    async with opened(tmp_path / "outbox.db") as s:
+        yield s
 
 
 def test_sqlite_urls():
@@ -138,11 +154,7 @@ async def test_prune_is_chunked_and_keeps_recent_and_unfinished(store):
 
 
 async def test_an_outbox_from_before_paging_is_upgraded_in_place(tmp_path: Path):
-    import sqlite3
-
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(
+    older = (
         "CREATE TABLE messages (id TEXT PRIMARY KEY, created_at REAL NOT NULL, source TEXT NOT NULL,"
         " group_id TEXT NOT NULL, level TEXT NOT NULL, priority INTEGER NOT NULL, status TEXT NOT NULL,"
         " text TEXT NOT NULL, encoding TEXT NOT NULL, parts INTEGER NOT NULL, alert_count INTEGER NOT NULL,"
@@ -156,55 +168,36 @@ async def test_an_outbox_from_before_paging_is_upgraded_in_place(tmp_path: Path)
         " 'GSM-7', 1, 1, NULL, 'pending', 0, 1.0, NULL, NULL, 1.0, NULL);"
         "INSERT INTO recipients VALUES ('m0', '+886911960999', 'pending', NULL, NULL, NULL, NULL, 1.0);"
     )
-    conn.commit()
-    conn.close()
-    s = SQLiteStore(str(path))
-    await s.open()
-    try:
+    async with opened(tmp_path / "old.db", older) as s:
         claimed = await s.claim(2.0, 10, 30.0)
         assert [m.id for m in claimed] == ["m0"] and claimed[0].pending_numbers == ("+886911960999",)
-    finally:
-        await s.close()
 
 
-async def test_the_inbox_has_a_file_of_its_own_and_planning_twice_changes_nothing(tmp_path: Path):
-    s = SQLiteStore(str(tmp_path / "outbox.db"))
-    await s.open()
-    try:
-        assert (tmp_path / "outbox.inbox.db").exists()
-        assert await s.receive("k", "alertmanager", 1000.0, 60.0, b"{}", "[]")
-        assert not await s.receive("k", "alertmanager", 1001.0, 60.0, b"{}", "[]")  # a replay
-        (row,) = await s.inbox(10)
-        await s.planned([(row.id, [msg("m1")], row.received_at)])
-        claimed = await s.claim(1002.0, 10, 30.0)
-        # a crash between the two commits: the notification is planned again, same ids
-        await s.planned([(row.id, [msg("m1")], row.received_at)])
-        assert [m.id for m in claimed] == ["m1"]
-        assert (await s.get_message("m1")).state == "sending"  # left as it was
-        assert await s.inbox(10) == [] and (await s.stats()).inbox == 0
-    finally:
-        await s.close()
+async def test_the_inbox_has_a_file_of_its_own_and_planning_twice_changes_nothing(store, tmp_path: Path):
+    s = store
+    assert (tmp_path / "outbox.inbox.db").exists()
+    assert await s.receive("k", "alertmanager", 1000.0, 60.0, b"{}", "[]")
+    assert not await s.receive("k", "alertmanager", 1001.0, 60.0, b"{}", "[]")  # a replay
+    (row,) = await s.inbox(10)
+    await s.planned([(row.id, [msg("m1")], row.received_at)])
+    claimed = await s.claim(1002.0, 10, 30.0)
+    # a crash between the two commits: the notification is planned again, same ids
+    await s.planned([(row.id, [msg("m1")], row.received_at)])
+    assert [m.id for m in claimed] == ["m1"]
+    assert (await s.get_message("m1")).state == "sending"  # left as it was
+    assert await s.inbox(10) == [] and (await s.stats()).inbox == 0
 
 
 async def test_an_inbox_kept_in_the_outbox_file_moves_to_its_own(tmp_path: Path):
-    import sqlite3
-
     path = tmp_path / "outbox.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(
+    older = (
         "CREATE TABLE inbox (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, source TEXT NOT NULL,"
         " body BLOB NOT NULL, plan TEXT NOT NULL, error TEXT);"
         "INSERT INTO inbox VALUES (7, 1.0, 'alertmanager', x'7b7d', '[]', NULL);"
         "INSERT INTO inbox VALUES (8, 2.0, 'grafana', x'7b7d', '[]', 'broken');"
     )
-    conn.commit()
-    conn.close()
-    s = SQLiteStore(str(path))
-    await s.open()
-    try:
+    async with opened(path, older) as s:
         assert [(r.source, r.received_at) for r in await s.inbox(10)] == [("alertmanager", 1.0)]
         assert (await s.stats()).inbox_failed == 1
-    finally:
-        await s.close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT count(*) FROM sqlite_schema WHERE name='inbox'").fetchone() == (0,)

@@ -173,20 +173,18 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return conn
 
-    def _setup(self, path: str, schema: str) -> sqlite3.Connection:
+    def _setup(self, path: str, *schemas: str) -> sqlite3.Connection:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect(path)
         conn.execute("PRAGMA busy_timeout=0")  # the writer waits for the lock itself (GroupCommit)
-        if schema is SCHEMA:
-            for table, columns in _ADDED_COLUMNS.items():
-                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-                for column in columns:
-                    if have and column.split()[0] not in have:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-        conn.executescript(schema)
-        if path == ":memory:":
-            conn.executescript(INBOX_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():  # tables the file does not have: nothing
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if have and column.split()[0] not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        for schema in schemas:
+            conn.executescript(schema)
         return conn
 
     def _connect_reader(self) -> sqlite3.Connection:
@@ -196,7 +194,8 @@ class SQLiteStore:
 
     async def open(self) -> None:
         try:
-            conn = await self._w.open(lambda: self._setup(self.path, SCHEMA))
+            inbox_here = () if self.inbox_path else (INBOX_SCHEMA,)
+            conn = await self._w.open(lambda: self._setup(self.path, SCHEMA, *inbox_here))
             if self.inbox_path is None:  # ":memory:" is private to its connection: read through the writer
                 self._r = conn
                 return
@@ -411,6 +410,8 @@ class SQLiteStore:
 
     async def prune(self, before: float, keys_before: float | None = None,
                     sends_before: float | None = None, limit: int = 10_000) -> int:
+        keys = before if keys_before is None else keys_before
+
         def op(conn: sqlite3.Connection) -> int:
             ids = [r[0] for r in conn.execute(
                 f"SELECT id FROM messages WHERE created_at<? AND state IN {_DONE} "
@@ -429,7 +430,6 @@ class SQLiteStore:
             ).rowcount
             return n
 
-        keys = before if keys_before is None else keys_before
         pruned = await self._write(op)
         return pruned + await self._iw.write(lambda conn: _prune_keys(conn, "inbox_keys", keys, limit))
 
@@ -493,16 +493,20 @@ class SQLiteStore:
         return await self._read(q)
 
 
+# One statement per dedup check: a new key is inserted, a key older than the window renewed, one
+# inside the window left alone. By table: /send's keys in the outbox, the webhooks' in the inbox.
+_FRESH_KEY = {
+    table: f"INSERT INTO {table}(dedup_key, source, received_at) VALUES (?,?,?) "
+    "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at "
+    f"WHERE {table}.received_at<=?"
+    for table in ("notifications", "inbox_keys")
+}
+
+
 def _fresh_key(conn: sqlite3.Connection, table: str, key: str, source: str, now: float,
                window: float) -> bool:
-    """Record a notification's dedup key in ``table``; False when it is a replay. One statement:
-    a new key is inserted, a key older than the window renewed, one inside the window left alone."""
-    return bool(conn.execute(
-        f"INSERT INTO {table}(dedup_key, source, received_at) VALUES (?,?,?) "
-        "ON CONFLICT(dedup_key) DO UPDATE SET received_at=excluded.received_at "
-        f"WHERE {table}.received_at<=?",
-        (key, source, now, now - window),
-    ).rowcount)
+    """Record a notification's dedup key in ``table``; False when it is a replay."""
+    return bool(conn.execute(_FRESH_KEY[table], (key, source, now, now - window)).rowcount)
 
 
 def _move_inbox(conn: sqlite3.Connection, inbox_file: str) -> None:
