@@ -49,12 +49,14 @@ _ONE_API_STATUS: Mapping[int, tuple[str, RecipientState | None]] = {
 @dataclass(frozen=True, slots=True)
 class StatusReport:
     api_message_id: str
+    client_message_id: str | None  # our message id, echoed by Clickatell (we always send it)
     status: str  # "4 RECEIVED_BY_RECIPIENT", as shown in the API
     label: str  # bounded metric label: delivered | undelivered | in_progress | unknown
     final_state: RecipientState | None
 
 
-def _report(message_id: Any, code: Any, name: Any, table: Mapping[int, tuple[str, Any]]) -> StatusReport:
+def _report(message_id: Any, client_id: Any, code: Any, name: Any,
+            table: Mapping[int, tuple[str, Any]]) -> StatusReport:
     if not message_id:
         raise ValueError("messageId is missing")
     try:
@@ -62,7 +64,8 @@ def _report(message_id: Any, code: Any, name: Any, table: Mapping[int, tuple[str
     except (TypeError, ValueError):
         raise ValueError(f"statusCode {code!r} is not a number") from None
     label, final = table.get(number, ("unknown", None))
-    return StatusReport(str(message_id), f"{number} {name or ''}".strip(), label, final)
+    return StatusReport(str(message_id), str(client_id) if client_id else None,
+                        f"{number} {name or ''}".strip(), label, final)
 
 
 def parse_status_callback(fields: Mapping[str, Any] | bytes) -> list[StatusReport]:
@@ -81,9 +84,11 @@ def parse_status_callback(fields: Mapping[str, Any] | bytes) -> list[StatusRepor
         if not isinstance(updates, list):
             raise ValueError("event.messageStatusUpdate must be a list")
         return [
-            _report(u.get("messageId"), u.get("statusCode"), u.get("status"), _ONE_API_STATUS)
+            _report(u.get("messageId"), u.get("clientMessageId"), u.get("statusCode"), u.get("status"),
+                    _ONE_API_STATUS)
             for u in updates
             if isinstance(u, dict)
         ]
     message_id = fields.get("messageId") or fields.get("apiMessageId")
-    return [_report(message_id, fields.get("statusCode"), fields.get("status"), _REST_STATUS)]
+    return [_report(message_id, fields.get("clientMessageId"), fields.get("statusCode"),
+                    fields.get("status"), _REST_STATUS)]

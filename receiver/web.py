@@ -273,7 +273,8 @@ async def status_callback(request: web.Request) -> web.Response:
     for report in reports:
         try:
             found = await r.store.delivery_report(
-                report.api_message_id, report.status, report.final_state, now
+                report.api_message_id, report.status, report.final_state, now,
+                report.client_message_id,
             )
         except StoreError:
             return _error(503, "could not store the delivery report; retry")

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from receiver.callbacks import parse_status_callback
 from receiver.ingest import InvalidPayload, dedup_key, parse_send, parse_webhook
 from receiver.models import AlertStatus
 from tests.helpers import fixture
@@ -95,3 +96,14 @@ def test_parse_send_items_independently():
     assert "groupId" in items[3].reason
     with pytest.raises(InvalidPayload):
         parse_send(b"[]")
+
+
+def test_status_callbacks_carry_our_message_id():
+    rest = parse_status_callback({"messageId": "api1", "clientMessageId": "ours1", "statusCode": "4"})
+    one_api = parse_status_callback(
+        b'{"event":{"messageStatusUpdate":[{"messageId":"api2","clientMessageId":"ours2","statusCode":5}]}}'
+    )
+    bare = parse_status_callback({"apiMessageId": "api3", "statusCode": "3"})
+    assert [(r.api_message_id, r.client_message_id, r.final_state) for r in rest + one_api + bare] == [
+        ("api1", "ours1", "delivered"), ("api2", "ours2", "delivered"), ("api3", None, None)
+    ]

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from receiver.models import AlertStatus, NewMessage, SmsText
-from receiver.store import MessageQuery, RecipientUpdate, StoreError, open_store, sqlite_path
+from receiver.pipeline import new_message_id
+from receiver.store import (
+    REPORT_WINDOW,
+    MessageQuery,
+    RecipientUpdate,
+    StoreError,
+    open_store,
+    sqlite_path,
+)
 from receiver.store.sqlite import SQLiteStore
 
 
@@ -111,6 +119,26 @@ async def test_delivery_reports_move_forward_only(store):
     r = (await store.get_message("m")).recipients[0]
     assert (r.state, r.delivery_status) == ("delivered", "4 RECEIVED_BY_RECIPIENT")
     assert not await store.delivery_report("0" * 32, "4", "delivered", 1004.0)
+
+
+async def test_delivery_reports_found_through_their_message(store):
+    """A report names our message (clientMessageId): found at any age. Without it, only the
+    messages of the last REPORT_WINDOW are searched (their ids start with their creation time)."""
+    day = 86400.0
+    old, new = new_message_id(1000.0), new_message_id(1000.0 + 4 * day)
+    for key, mid, api_id, at in (("k1", old, "a" * 32, 1000.0), ("k2", new, "b" * 32, 1000.0 + 4 * day)):
+        await store.accept(key, "alertmanager", at, 60.0, [msg(mid, recipients=("+886911960999",))])
+        await store.claim(at, 10, 30.0)
+        await store.finish(mid, [RecipientUpdate("+886911960999", "accepted", api_id)], at,
+                           retry_at=None, last_error=None)
+    now = 1000.0 + 4 * day + 10
+    assert not await store.delivery_report("a" * 32, "4", "delivered", now)  # 4 days old, no client id
+    assert not await store.delivery_report("a" * 32, "4", "delivered", now, new)  # not that message's
+    assert await store.delivery_report("a" * 32, "4", "delivered", now, old)
+    assert await store.delivery_report("b" * 32, "4", "delivered", now)
+    states = {m.id: m.recipients[0].state for m in await store.list_messages(MessageQuery())}
+    assert states == {old: "delivered", new: "delivered"}
+    assert REPORT_WINDOW < 4 * day
 
 
 async def test_list_filters_and_prune(store):

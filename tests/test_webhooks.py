@@ -228,8 +228,8 @@ async def test_delivery_report_callback(start_receiver, fake, http):
     cb = f"{rx.url}/callbacks/clickatell/status"
     async with http.get(cb, params={"messageId": api_id, "statusCode": "4"}) as r:
         assert r.status == 401
-    async with http.post(f"{cb}?secret=cb-secret", json={"messageId": api_id, "statusCode": 4,
-                                                          "status": "RECEIVED_BY_RECIPIENT"}) as r:
+    async with http.post(f"{cb}?secret=cb-secret", json={"messageId": api_id, "clientMessageId": mid,
+                                                          "statusCode": 4, "status": "RECEIVED_BY_RECIPIENT"}) as r:
         assert r.status == 200
     async with http.get(cb, params={"secret": "cb-secret", "messageId": api_id, "statusCode": "3"}) as r:
         assert r.status == 200  # late, out of order: ignored

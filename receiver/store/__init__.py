@@ -24,6 +24,11 @@ from receiver.config import parse_duration
 from receiver.models import Item, NewMessage
 from receiver.paging import Throttle
 
+# How far back a delivery report without a clientMessageId is looked for. Clickatell's reports
+# arrive within the SMS validity period (hours); looking by message keeps the recipients table
+# free of an index on Clickatell's random ids, whose inserts land on random pages of a big file.
+REPORT_WINDOW = 3 * 86400.0
+
 MessageState = Literal[
     "pending", "sending", "sent", "partial", "failed", "dead", "dry_run",
     "held", "suppressed", "bundled", "collapsed",
@@ -219,9 +224,14 @@ class Store(Protocol):
     async def stats(self) -> OutboxStats: ...
 
     async def delivery_report(
-        self, api_message_id: str, status: str, final_state: RecipientState | None, now: float
+        self, api_message_id: str, status: str, final_state: RecipientState | None, now: float,
+        message_id: str | None = None,
     ) -> bool:
-        """Record a delivery report; False when no recipient has that Clickatell message id."""
+        """Record a delivery report; False when no recipient has that Clickatell message id.
+
+        ``message_id`` is the report's ``clientMessageId`` (our id, which every send carries):
+        the recipient is then found through the message. Without it only messages created in
+        the last :data:`REPORT_WINDOW` seconds are searched."""
 
     async def prune(self, before: float, keys_before: float | None = None,
                     sends_before: float | None = None, limit: int = 10_000) -> int:

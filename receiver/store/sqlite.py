@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from receiver.models import AlertStatus, Item, NewMessage
 from receiver.paging import hold_kind
 from receiver.store import (
+    REPORT_WINDOW,
     AcceptResult,
     MessageQuery,
     MessageRecord,
@@ -97,7 +98,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     admitted        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (message_id, number)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS recipients_api2 ON recipients(api_message_id) WHERE api_message_id IS NOT NULL;
+-- delivery reports find a recipient through its message (REPORT_WINDOW): no index on Clickatell's ids
+DROP INDEX IF EXISTS recipients_api2;
 DROP INDEX IF EXISTS recipients_api;
 -- the throttle's view: what each number has held, and when it was last sent to
 CREATE INDEX IF NOT EXISTS recipients_held ON recipients(number, hold_until) WHERE state='held';
@@ -387,22 +389,30 @@ class SQLiteStore:
         return await self._write(op)
 
     async def delivery_report(
-        self, api_message_id: str, status: str, final_state: RecipientState | None, now: float
+        self, api_message_id: str, status: str, final_state: RecipientState | None, now: float,
+        message_id: str | None = None,
     ) -> bool:
+        # by primary key prefix: the message's own recipients, or (no clientMessageId) the
+        # messages of the last REPORT_WINDOW, whose ids start with their creation time
+        if message_id:
+            where, key = "message_id=? AND api_message_id=?", message_id
+        else:
+            where, key = "message_id>=? AND api_message_id=?", f"{int((now - REPORT_WINDOW) * 1000):011x}"
+
         def op(conn: sqlite3.Connection) -> bool:
             found = conn.execute(
-                "UPDATE recipients SET delivery_status=?, updated_at=? WHERE api_message_id=? "
+                f"UPDATE recipients SET delivery_status=?, updated_at=? WHERE {where} "
                 "AND state NOT IN ('delivered','undelivered')",  # reports can arrive out of order
-                (status, now, api_message_id),
+                (status, now, key, api_message_id),
             ).rowcount
             if final_state is not None:
                 conn.execute(
-                    "UPDATE recipients SET state=? WHERE api_message_id=? AND state='accepted'",
-                    (final_state, api_message_id),
+                    f"UPDATE recipients SET state=? WHERE {where} AND state='accepted'",
+                    (final_state, key, api_message_id),
                 )
             if not found:
                 found = conn.execute(
-                    "SELECT 1 FROM recipients WHERE api_message_id=?", (api_message_id,)
+                    f"SELECT 1 FROM recipients WHERE {where}", (key, api_message_id)
                 ).fetchone() is not None
             return bool(found)
 
