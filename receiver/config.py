@@ -331,6 +331,18 @@ class Config(_Model):
     def _ranks(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.level_names)}
 
+    @cached_property
+    def _severity_levels(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for level in self.levels:  # most urgent first: the first level naming a severity wins
+            for severity in level.severities:
+                found.setdefault(severity.lower(), level.name)
+        return found
+
+    def severity_level(self, severity: str) -> str:
+        """The level of a ``severity_label`` value (case-insensitive), else ``default_level``."""
+        return self._severity_levels.get(severity.lower(), self.default_level)
+
     def level_rank(self, name: str) -> int:
         """0 is the most urgent level."""
         return self._ranks[name]

@@ -28,11 +28,7 @@ class RoutingResult:
 
 
 def alert_level(alert: Alert, cfg: Config) -> str:
-    severity = alert.labels.get(cfg.severity_label, "").lower()
-    for level in cfg.levels:
-        if severity in (s.lower() for s in level.severities):
-            return level.name
-    return cfg.default_level
+    return cfg.severity_level(alert.labels.get(cfg.severity_label, ""))
 
 
 def matched_groups(alert: Alert, cfg: Config) -> tuple[str, ...]:

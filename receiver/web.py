@@ -44,6 +44,9 @@ RECEIVER: web.AppKey[Receiver] = web.AppKey("receiver", Receiver)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(data, status=status, headers=headers)
 
@@ -100,7 +103,7 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
 
     def done(outcome: str, response: web.Response,
              about: Callable[[], dict[str, Any]] | None = None, **fields: Any) -> web.Response:
-        m.webhooks.labels(source, outcome).inc()
+        m.child(m.webhooks, source, outcome).inc()
         # accepted webhooks are logged by the planner (with their messages) once planned
         level = logging.DEBUG if outcome in ("accepted", "duplicate") else logging.WARNING
         if not log.isEnabledFor(level):
@@ -125,7 +128,7 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
     except InvalidPayload as exc:
         return done("invalid", _error(exc.status, exc.reason), reason=repr(exc.reason))
     for alert in notification.alerts:
-        m.alerts.labels(source, alert.status.value).inc()
+        m.child(m.alerts, source, alert.status.value).inc()
 
     now = r.clock.now()
     key = dedup_key(notification)
@@ -143,29 +146,24 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
 
     if not fresh:
         for d in routing.deliveries:
-            m.sms_deduplicated.labels(d.group_id).inc()
+            m.child(m.sms_deduplicated, d.group_id).inc()
         return done("duplicate", _json({"status": "duplicate", "messages": []}), about)
 
     r.wake_planner()
     for d in routing.deliveries:
-        m.routed.labels(d.group_id, d.level).inc()
+        m.child(m.routed, d.group_id, d.level).inc()
     if routing.unrouted:
-        m.alerts_unrouted.labels(source, "no_route").inc(len(routing.unrouted))
+        m.child(m.alerts_unrouted, source, "no_route").inc(len(routing.unrouted))
         log.warning("%d alert(s) matched no route and no default group: %s",
                     len(routing.unrouted),
                     ", ".join(a.labels.get("alertname", "?") for a in routing.unrouted[:10]))
     if routing.filtered:
-        m.alerts_unrouted.labels(source, "filtered").inc(len(routing.filtered))
-    return done(
-        "accepted",
-        _json({
-            "status": "accepted",
-            "messages": list(routed.message_ids),
-            "unrouted": len(routing.unrouted),
-            "filtered": len(routing.filtered),
-        }),
-        about,
-    )
+        m.child(m.alerts_unrouted, source, "filtered").inc(len(routing.filtered))
+    # written out rather than json.dumps'd (ids are hex, counts ints): json_response costs ~9 µs
+    ids = ",".join(f'"{i}"' for i in routed.message_ids)
+    answer = (f'{{"status":"accepted","messages":[{ids}],'
+              f'"unrouted":{len(routing.unrouted)},"filtered":{len(routing.filtered)}}}')
+    return done("accepted", web.Response(body=answer.encode(), headers=_JSON), about)
 
 
 def _count_planned(r: Receiver, messages: Sequence[NewMessage]) -> None:
