@@ -14,8 +14,6 @@ import logging
 import random
 from pathlib import Path
 
-import httpx
-
 from receiver.clickatell import ClickatellClient, ClickatellError
 from receiver.clock import Clock, SystemClock
 from receiver.config import Config, ConfigError, config_warnings, load_config
@@ -40,7 +38,6 @@ class Receiver:
         store: Store | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config_path = Path(config_path) if config_path else None
@@ -48,8 +45,8 @@ class Receiver:
         self.metrics = metrics or Metrics()
         self.store = store or open_store(config.storage)
         self._snapshot = Snapshot.build(config)
-        self._transport = transport
         self._client = self._new_client(config)
+        self._retired: dict[asyncio.Task[None], ClickatellClient] = {}  # replaced by a reload
         self.dispatcher = Dispatcher(
             store=self.store,
             snapshot=lambda: self._snapshot,
@@ -92,9 +89,7 @@ class Receiver:
 
     def _new_client(self, cfg: Config) -> ClickatellClient:
         c = cfg.clickatell
-        return ClickatellClient(
-            base_url=c.base_url, api=c.api, timeout=c.timeout, transport=self._transport
-        )
+        return ClickatellClient(base_url=c.base_url, api=c.api, timeout=c.timeout)
 
     async def start(self, *, dispatch: bool = True, plan: bool = True,
                     worker: Worker | None = None) -> None:
@@ -204,6 +199,9 @@ class Receiver:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for task, client in list(self._retired.items()):
+            task.cancel()
+            await client.aclose()
         await self._client.aclose()
         await self.store.close()
 
@@ -227,10 +225,14 @@ class Receiver:
             # the client sends from wherever dispatch runs: the worker process makes its own
             if self.worker is None and new.clickatell.model_dump() != old.clickatell.model_dump():
                 previous, self._client = self._client, self._new_client(new)
-                # requests in flight on the old client finish first
-                asyncio.get_running_loop().call_later(
-                    old.clickatell.timeout + 1, lambda: asyncio.ensure_future(previous.aclose())
-                )
+
+                async def retire() -> None:  # requests in flight on the old client finish first
+                    await asyncio.sleep(old.clickatell.timeout + 1)
+                    await previous.aclose()
+
+                task = asyncio.create_task(retire(), name="retire client")
+                self._retired[task] = previous
+                task.add_done_callback(lambda t: self._retired.pop(t, None))
             self._init_metrics(new)
             self._reloaded(True)
             for warning in config_warnings(new):

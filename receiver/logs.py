@@ -54,6 +54,5 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs request URLs, keys included
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.client").setLevel(logging.WARNING)  # never request URLs (keys)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -6,6 +6,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
+from receiver.clickatell import proxy_for
 from tests.conftest import eventually
 from tests.helpers import fixture
 
@@ -167,3 +168,13 @@ async def test_http_and_one_api_types(start_receiver, fake, http):
         await wait_state(http, rx, mid, "sent")
     apis = {m["api"] for m in await fake.messages(http)}
     assert apis == {"http", "one_api"}
+
+
+def test_proxy_comes_from_the_environment_once_and_honours_no_proxy():
+    env = {"HTTPS_PROXY": "http://proxy.corp:3128", "http_proxy": "http://plain:80",
+           "NO_PROXY": "localhost, .internal.example"}
+    assert proxy_for("https://platform.clickatell.com", env) == "http://proxy.corp:3128"
+    assert proxy_for("http://127.0.0.1:9000", env) == "http://plain:80"
+    assert proxy_for("https://sms.internal.example", env) is None
+    assert proxy_for("https://localhost:8443", env) is None
+    assert proxy_for("https://platform.clickatell.com", {}) is None

@@ -1,0 +1,80 @@
+"""CPU per Clickatell request of the receiver's client, against the fake on loopback,
+in the event loop the worker uses (uvloop).
+
+    python bench/client_cost.py [--requests 3000] [--httpx]
+
+Sends REST sends of 5 recipients, 16 at a time (the dispatcher's default concurrency), through
+``ClickatellClient`` and prints the client process's CPU time per request. ``--httpx`` also
+measures a plain ``httpx.AsyncClient`` doing the same requests (if httpx is installed), the
+client the receiver used before (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402  (the benchmark's process helpers: the fake, free ports)
+from receiver.cli import _use_uvloop  # noqa: E402
+from receiver.clickatell import ClickatellClient  # noqa: E402
+
+NUMBERS = ["14155550100", "14155550101", "14155550102", "14155550103", "14155550104"]
+
+
+async def measure(name: str, send: Callable[[], Awaitable[None]], count: int) -> None:
+    gate = asyncio.Semaphore(16)
+
+    async def one() -> None:
+        async with gate:
+            await send()
+
+    await asyncio.gather(*[one() for _ in range(200)])  # connections open, code warm
+    cpu, wall = time.process_time(), time.monotonic()
+    await asyncio.gather(*[one() for _ in range(count)])
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    print(f"{name:10} {cpu / count * 1e6:7.0f} µs of CPU per request  ({count / wall:,.0f} requests/s)")
+
+
+async def main(url: str, count: int, with_httpx: bool) -> None:
+    client = ClickatellClient(base_url=url, api="rest", timeout=10)
+
+    async def receiver_client() -> None:
+        outcome = await client.send(api_key="bench-key", to=NUMBERS, content="[WARNING] 1 firing",
+                                    client_message_id="bench")
+        assert outcome.kind == "ok", outcome
+
+    try:
+        await measure("receiver", receiver_client, count)
+    finally:
+        await client.aclose()
+    if with_httpx:
+        import httpx  # not a dependency: only for the comparison
+
+        body = {"content": "[WARNING] 1 firing", "to": NUMBERS, "clientMessageId": "bench"}
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as h:
+            async def plain_httpx() -> None:
+                r = await h.post(url + "/messages", json=body, headers={"Authorization": "bench-key"})
+                assert r.status_code == 202 and r.json()
+
+            await measure("httpx", plain_httpx, count)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--httpx", action="store_true")
+    args = parser.parse_args()
+    import tempfile
+
+    fake = bench.Fake(Path(tempfile.mkdtemp(prefix="client-cost-")))
+    _use_uvloop()  # as in the worker
+    try:
+        asyncio.run(main(fake.url, args.requests, args.httpx))
+    finally:
+        fake.proc.stop()
