@@ -171,9 +171,9 @@ def proxy_for(url: str, env: Mapping[str, str] | None = None) -> str | None:
     proxy = proxies.get(f"{parts.scheme}_proxy")
     if not proxy or not parts.hostname:
         return None
+    host = parts.hostname.lower()
     for entry in proxies.get("no_proxy", "").replace(" ", "").split(","):
         entry = entry.lstrip(".").lower()
-        host = parts.hostname.lower()
         if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
             return None
     return proxy
