@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -110,6 +110,15 @@ def _describe(exc: ValidationError, limit: int = 3) -> str:
 _LEGACY_GRAFANA_KEYS = ("evalMatches", "ruleId", "ruleName", "ruleUrl")
 
 
+WebhookBody = _WireNotification  # a validated webhook, as sent (only what we read)
+
+
+def validate_webhook(body: bytes, source: Literal["alertmanager", "grafana"]) -> WebhookBody:
+    """Validate a webhook body; raise :class:`InvalidPayload` naming what is wrong. What the
+    answer path needs (the planner builds the :class:`Notification` later, from the body)."""
+    return _decode(body, source)
+
+
 def _decode(body: bytes, source: Source) -> _WireNotification:
     try:
         return _WireNotification.model_validate_json(body)
@@ -132,7 +141,11 @@ def _decode(body: bytes, source: Source) -> _WireNotification:
 
 def parse_webhook(body: bytes, source: Literal["alertmanager", "grafana"]) -> Notification:
     """Decode an Alertmanager (v4) or Grafana (unified alerting) webhook body."""
-    wire = _decode(body, source)
+    return notification_of(_decode(body, source), source)
+
+
+def notification_of(wire: WebhookBody, source: Literal["alertmanager", "grafana"]) -> Notification:
+    """The internal model of a validated webhook."""
     alerts = tuple(
         Alert(
             status=a.status,
@@ -173,11 +186,24 @@ def dedup_key(n: Notification) -> str:
     Alertmanager retries, repeats and HA peers send the same group with the same alerts in the
     same states; any change (an alert added, one resolving, a new startsAt) is a new key.
     """
+    return _key(n.source, n.group_key, ((a.fingerprint, a.status, a.starts_at) for a in n.alerts))
+
+
+def webhook_key(wire: WebhookBody, source: Source) -> str:
+    """:func:`dedup_key` of ``notification_of(wire, source)``, without building it."""
+    return _key(source, wire.groupKey, (
+        (a.fingerprint or label_fingerprint(a.labels), a.status, _zero_to_none(a.startsAt))
+        for a in wire.alerts
+    ))
+
+
+def _key(source: str, group_key: str,
+         alerts: Iterable[tuple[str, AlertStatus, datetime | None]]) -> str:
     h = hashlib.sha256()
-    h.update(f"{n.source}\x00{n.group_key}\x00".encode())
+    h.update(f"{source}\x00{group_key}\x00".encode())
     for item in sorted(
-        f"{a.fingerprint}:{a.status}:{a.starts_at.isoformat() if a.starts_at else ''}"
-        for a in n.alerts
+        f"{fingerprint}:{status}:{starts_at.isoformat() if starts_at else ''}"
+        for fingerprint, status, starts_at in alerts
     ):
         h.update(item.encode())
         h.update(b"\x00")

@@ -1,14 +1,16 @@
 """The accept pipeline, composed in one place: notification → routing → render → outbox rows.
 
-Everything here is pure: given the same notification, config snapshot, time and id source, it
-plans the same messages. It runs in two steps so that a webhook is answered as soon as it is
-durable: on receipt, :func:`receive` routes it and names its messages (cheap: matchers only);
-the planner later renders them (:func:`render_routed`) from the stored body and routing, at the
-time of receipt. ``sms-receiver render`` prints the whole plan in one go.
+Everything here is pure: given the same notification, config snapshot, time and ids, it plans
+the same messages. It runs in two steps so that a webhook is answered as soon as it is durable:
+on receipt the body is only validated and stored under a new notification id; the planner
+later routes and renders it (:func:`plan_received`), as of the time of receipt, with message ids
+derived from the notification id, so planning it twice gives the same messages.
+``sms-receiver render`` prints the whole plan in one go (:func:`plan_notification`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -66,31 +68,42 @@ def plan_notification(
     return Plan(messages, routing)
 
 
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """A notification routed on receipt: what to store in the inbox and what to answer."""
-
-    routing: RoutingResult
-    message_ids: tuple[str, ...]  # one per delivery, in order
-    plan: str  # JSON: the deliveries by group, level, status and alert positions, with their ids
+def message_id_for(notification_id: str, group_id: str) -> str:
+    """The id of a notification's message to one group: the notification id (time-ordered)
+    and 8 hex digits of the group's. The same on every planning of the notification."""
+    return notification_id + hashlib.blake2b(group_id.encode(), digest_size=4).hexdigest()
 
 
-def receive(notification: Notification, snap: Snapshot, now: float,
-            new_id: IdSource = new_message_id) -> Routed:
-    """Route a notification and name the message of each delivery; render nothing yet."""
+def inbox_plan(notification_id: str) -> str:
+    """What the inbox keeps beside a received body: its notification id (the planner routes it)."""
+    return json.dumps({"notification": notification_id}, separators=(",", ":"))
+
+
+def plan_received(notification: Notification, plan: str, snap: Snapshot,
+                  now: float) -> tuple[Plan, tuple[str, ...]]:
+    """The messages of a notification received at ``now`` and kept with ``plan``, and the
+    groups dropped. ``plan`` is :func:`inbox_plan`'s (route now), or, from before routing moved
+    to the planner, the deliveries and their message ids (:func:`render_routed`)."""
+    stored = json.loads(plan)
+    if isinstance(stored, list):
+        messages, dropped = render_routed(notification, plan, snap, now)
+        return Plan(messages, RoutingResult(deliveries=(), unrouted=(), filtered=())), dropped
+    nid = stored["notification"]
     routing = route(notification, snap.config)
-    ids = tuple(new_id(now) for _ in routing.deliveries)
-    position = {id(a): i for i, a in enumerate(notification.alerts)}
-    plan = json.dumps([
-        [mid, d.group_id, d.level, d.status.value, [position[id(a)] for a in d.alerts]]
-        for mid, d in zip(ids, routing.deliveries)
-    ], separators=(",", ":"))
-    return Routed(routing, ids, plan)
+    ids = [message_id_for(nid, d.group_id) for d in routing.deliveries]
+    if len(set(ids)) < len(ids):  # two groups' 32-bit digests collide: the whole id instead
+        ids = [nid + hashlib.blake2b(d.group_id.encode()).hexdigest() for d in routing.deliveries]
+    messages = tuple(
+        with_policy(_message(notification, d, snap, now, lambda _, m=mid: m), snap, now)
+        for d, mid in zip(routing.deliveries, ids)
+    )
+    return Plan(messages, routing), ()
 
 
 def render_routed(notification: Notification, plan: str, snap: Snapshot,
                   now: float) -> tuple[tuple[NewMessage, ...], tuple[str, ...]]:
-    """The messages of a notification stored by :func:`receive` with ``plan``, rendered with
+    """The messages of a notification routed on receipt (before routing moved to the planner),
+    stored with ``plan``: its deliveries and their message ids, rendered with
     ``snap`` as of ``now`` (the time of receipt), and the groups dropped: a group removed from
     the config in between has no members or template left."""
     out, dropped = [], []

@@ -1,11 +1,11 @@
 """Planning: the inbox → outbox stage.
 
-A webhook is answered once its body and routing are durable in the inbox (``Store.receive``).
-The planner then renders each stored notification into its messages (templates, encoding,
-paging policy, all as of the time of receipt) and hands them to the outbox in the transaction
-that removes the inbox row, so each notification is planned exactly once. Rendering is the
-costly part of accepting an alert; keeping it here keeps webhook answers fast in a storm and
-lets it run in the worker process next to the dispatcher.
+A webhook is answered once its body is durable in the inbox (``Store.receive``). The planner
+then routes and renders each stored notification into its messages (routes, templates, encoding,
+paging policy, all as of the time of receipt), commits them to the outbox, then removes the inbox
+row. Message ids derive from the notification id, so a notification planned again after a crash
+between the two commits adds nothing. Routing and rendering are the costly part of accepting an
+alert; doing them here keeps webhook answers fast in a storm, in the worker process.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 from receiver.ingest import parse_webhook
 from receiver.metrics import Metrics
-from receiver.models import NewMessage
-from receiver.pipeline import Snapshot, render_routed
+from receiver.models import NewMessage, Notification
+from receiver.pipeline import Snapshot, plan_received
+from receiver.routing import RoutingResult
 from receiver.store import Store, StoreError
 
 log = logging.getLogger("sms_receiver.planner")
@@ -73,10 +74,11 @@ class Planner:
             return 0
         snap = self._snapshot()
         done, failed = [], []
+        routings: list[tuple[Notification, RoutingResult]] = []  # for the unrouted counts
         for row in rows:
             try:
                 notification = parse_webhook(row.body, row.source)
-                messages, dropped = render_routed(notification, row.plan, snap, row.received_at)
+                plan, dropped = plan_received(notification, row.plan, snap, row.received_at)
             except Exception as exc:  # the body was validated on receipt: only a bug lands here
                 log.exception("cannot plan received notification %d; kept in the inbox", row.id)
                 failed.append((row.id, f"{type(exc).__name__}: {exc}"))
@@ -84,6 +86,8 @@ class Planner:
             for group_id in dropped:
                 log.warning("group %s was removed from the config after notification %d was "
                             "received: its message is dropped", group_id, row.id)
+            messages = plan.messages
+            routings.append((notification, plan.routing))
             done.append((row.id, messages, row.received_at))
             log.info("planned %s notification %d: alerts=%d group_key=%r messages=%s",
                      row.source, row.id, len(notification.alerts), notification.group_key,
@@ -94,8 +98,13 @@ class Planner:
             self._error(exc)  # the rows stay in the inbox: planned again next pass
             return 0
         self.last_error = None
+        m = self._metrics
         for _, messages, _ in done:
-            self._metrics.count_planned(messages)
+            for msg in messages:
+                m.child(m.routed, msg.group_id, msg.level).inc()
+            m.count_planned(messages)
+        for notification, routing in routings:
+            _count_unrouted(m, notification, routing)
         self._metrics.planning_failures.inc(len(failed))
         if done:
             self._planned()
@@ -105,6 +114,17 @@ class Planner:
         if self.last_error is None:
             log.error("planner cannot read or write the outbox: %s", exc)
         self.last_error = str(exc)
+
+
+def _count_unrouted(m: Metrics, notification: Notification, routing: RoutingResult) -> None:
+    source = notification.source
+    if routing.unrouted:
+        m.child(m.alerts_unrouted, source, "no_route").inc(len(routing.unrouted))
+        log.warning("%d alert(s) matched no route and no default group: %s",
+                    len(routing.unrouted),
+                    ", ".join(a.labels.get("alertname", "?") for a in routing.unrouted[:10]))
+    if routing.filtered:
+        m.child(m.alerts_unrouted, source, "filtered").inc(len(routing.filtered))
 
 
 def _describe(message: NewMessage) -> str:

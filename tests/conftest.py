@@ -50,6 +50,23 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
         await asyncio.sleep(0.02)
 
 
+async def planned(http: aiohttp.ClientSession, base_url: str, answer: dict[str, Any],
+                  headers: dict[str, str] | None = None) -> list[str]:
+    """The ids of the messages planned from an accepted webhook (``answer``: its JSON), once
+    the planner has made them (at least one)."""
+    ids: list[str] = []
+
+    async def made() -> bool:
+        nonlocal ids
+        async with http.get(f"{base_url}/api/v1/messages", headers=headers,
+                            params={"notification": answer["notification"]}) as r:
+            ids = [m["id"] for m in (await r.json())["messages"]]
+        return bool(ids)
+
+    await eventually(made)
+    return ids
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

@@ -7,7 +7,7 @@ import logging
 from datetime import datetime, timezone
 
 from receiver.clickatell import proxy_for
-from tests.conftest import eventually
+from tests.conftest import eventually, planned
 from tests.helpers import fixture
 
 JSON = {"Content-Type": "application/json"}
@@ -17,7 +17,8 @@ DB_PAYLOAD = fixture("alertmanager-0.25-grouped-firing.json")  # → group "db",
 async def accept(http, rx, body: bytes = DB_PAYLOAD) -> str:
     async with http.post(f"{rx.url}/webhook/alertmanager", data=body, headers=JSON) as r:
         assert r.status == 200
-        return (await r.json())["messages"][0]
+        answer = await r.json()
+    return (await planned(http, rx.url, answer))[0]
 
 
 async def message(http, rx, mid: str) -> dict:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from receiver.ingest import parse_webhook
 from receiver.metrics import Metrics, merge_expositions
-from tests.conftest import Fake, eventually
-from tests.helpers import fixture
+from receiver.pipeline import Snapshot, inbox_plan, new_message_id, plan_received
+from tests.conftest import Fake, eventually, planned
+from tests.helpers import fixture, make_config
 from tests.tools import ReceiverProcess, free_port, receiver_config
 
 FIRING = fixture("alertmanager-0.25-firing.json")
@@ -27,18 +29,20 @@ async def test_answered_before_planning_then_planned_once(start_receiver, http, 
     s = await start_receiver(settle=False, run_planner=False, run_dispatcher=False)
     async with http.post(f"{s.url}/webhook/alertmanager", data=FIRING) as r:
         assert r.status == 200
-        (mid,) = (await r.json())["messages"]
-    async with http.get(f"{s.url}/api/v1/messages/{mid}") as r:
+        accepted = await r.json()
+    nid = accepted["notification"]
+    async with http.get(f"{s.url}/api/v1/messages/{nid}") as r:
         assert r.status == 200
         answer = await r.json()
     assert answer["state"] == "received" and answer["source"] == "alertmanager"
     async with http.get(f"{s.url}/metrics") as r:
         text = await r.text()
     assert metric_line(text, "sms_receiver_inbox_notifications ") == "sms_receiver_inbox_notifications 1.0"
-    assert 'sms_receiver_notifications_routed_total{group="web",level="critical"} 1.0' in text
+    assert 'sms_receiver_notifications_routed_total{group="web",level="critical"} 0.0' in text
 
     await s.receiver.planner.drain()
     await s.receiver.planner.drain()  # nothing left: planning twice adds nothing
+    (mid,) = await planned(http, s.url, accepted)
     async with http.get(f"{s.url}/api/v1/messages/{mid}") as r:
         msg = await r.json()
     assert msg["state"] == "pending" and len(msg["recipients"]) == 1
@@ -54,8 +58,9 @@ async def test_a_row_that_cannot_be_planned_is_kept_and_does_not_block(start_rec
     # a routing that points at an alert the body does not have: only a bug could store this
     assert await store.receive("bad", "alertmanager", now, 3600, FIRING, '[["0badc0de","web","critical","firing",[7]]]')
     async with http.post(f"{s.url}/webhook/alertmanager", data=FIRING) as r:
-        (good,) = (await r.json())["messages"]
+        accepted = await r.json()
     await s.receiver.planner.drain()
+    (good,) = await planned(http, s.url, accepted)
     async with http.get(f"{s.url}/api/v1/messages/{good}") as r:
         assert (await r.json())["state"] == "pending"
     async with http.get(f"{s.url}/api/v1/messages/0badc0de") as r:
@@ -65,6 +70,49 @@ async def test_a_row_that_cannot_be_planned_is_kept_and_does_not_block(start_rec
         text = await r.text()
     assert "sms_receiver_planning_failures_total 1.0" in text
     assert (await store.stats()).inbox_failed == 1
+
+
+def test_planning_again_gives_the_same_messages():
+    """A crash between the planner's two commits plans a notification again: the message ids
+    come from its notification id and group, so the outbox keeps the first copy only."""
+    snap = Snapshot.build(make_config())
+    body = json.loads(FIRING)
+    body["alerts"][0]["labels"]["team"] = "db"  # routes to db (continue: false) …
+    body["alerts"].append({**body["alerts"][0], "labels": {"alertname": "Other", "job": "node",
+                                                            "severity": "critical"}})  # … and web
+    n = parse_webhook(json.dumps(body).encode(), "alertmanager")
+    nid = new_message_id(1000.0)
+    first, _ = plan_received(n, inbox_plan(nid), snap, 1000.0)
+    again, _ = plan_received(n, inbox_plan(nid), snap, 1000.0)
+    ids = [m.id for m in first.messages]
+    assert ids == [m.id for m in again.messages] and len(set(ids)) == 2
+    assert all(i.startswith(nid) for i in ids)
+    other, _ = plan_received(n, inbox_plan(new_message_id(1000.0)), snap, 1000.0)
+    assert not set(ids) & {m.id for m in other.messages}
+
+
+async def test_rows_routed_on_receipt_by_an_older_release_keep_their_ids(start_receiver, http):
+    s = await start_receiver(settle=False, run_planner=False, run_dispatcher=False)
+    now = s.receiver.clock.now()
+    assert await s.receiver.store.receive("old", "alertmanager", now, 3600, FIRING,
+                                          '[["0123abcd","web","critical","firing",[0]]]')
+    await s.receiver.planner.drain()
+    async with http.get(f"{s.url}/api/v1/messages/0123abcd") as r:
+        msg = await r.json()
+    assert (msg["state"], msg["group"]) == ("pending", "web")
+
+
+async def test_the_planner_counts_what_reached_no_group(start_receiver, http):
+    s = await start_receiver(settle=False, run_planner=False, run_dispatcher=False, default_groups=[])
+    body = json.loads(FIRING)
+    body["alerts"][0]["labels"] = {"alertname": "Nobody", "severity": "critical"}
+    async with http.post(f"{s.url}/webhook/alertmanager", json=body) as r:
+        assert r.status == 200 and (await r.json())["status"] == "accepted"
+    await s.receiver.planner.drain()
+    async with http.get(f"{s.url}/metrics") as r:
+        text = await r.text()
+    assert 'sms_receiver_alerts_unrouted_total{reason="no_route",source="alertmanager"} 1.0' in text
+    assert metric_line(text, "sms_receiver_inbox_notifications ") == "sms_receiver_inbox_notifications 0.0"
 
 
 def test_merged_metrics_add_counters_and_keep_the_setters_gauges():

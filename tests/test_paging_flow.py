@@ -16,7 +16,7 @@ import aiohttp
 
 from receiver.clock import FakeClock
 from receiver.config import DEFAULT_THROTTLE
-from tests.conftest import Fake, Running
+from tests.conftest import Fake, Running, planned
 from tests.helpers import fixture
 
 JSON = {"Content-Type": "application/json"}
@@ -43,6 +43,7 @@ class Sim:
         async with self.http.post(f"{self.rx.url}/webhook/alertmanager", json=body) as r:
             assert r.status == 200, await r.text()
             answer = await r.json()
+        answer["messages"] = await planned(self.http, self.rx.url, answer)
         for mid in answer["messages"]:
             self.accepted_at[mid] = self.clock.now()
         return answer

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import API_KEY, eventually
+from tests.conftest import API_KEY, eventually, planned
 from tests.helpers import BASE, fixture
 
 JSON = {"Content-Type": "application/json"}
@@ -26,7 +26,8 @@ async def post(http, url, body: bytes, headers=None):
 async def test_firing_fixture_reaches_clickatell(start_receiver, fake, http):
     rx = await start_receiver()
     status, body, _ = await post(http, f"{rx.url}/webhook/alertmanager", fixture("alertmanager-0.25-firing.json"))
-    assert status == 200 and body["status"] == "accepted" and len(body["messages"]) == 1
+    assert status == 200 and body["status"] == "accepted" and len(body["notification"]) == 27
+    (mid,) = await planned(http, rx.url, body)
 
     async def sent():
         return len(await fake.messages(http)) == 1
@@ -35,14 +36,14 @@ async def test_firing_fixture_reaches_clickatell(start_receiver, fake, http):
     (sms,) = await fake.messages(http)
     assert sms["to"] == "14155550123"  # group "web" (job=node, critical), MSISDN without "+"
     assert sms["content"] == "[CRITICAL] FIRING 1: HighLatency web-1:9100 p99 latency above 2s"
-    assert sms["clientMessageId"] == body["messages"][0]
+    assert sms["clientMessageId"] == mid and mid.startswith(body["notification"])
 
 
 async def test_grouped_alerts_become_one_text_per_group_and_replays_send_nothing(start_receiver, fake, http):
     rx = await start_receiver()
     payload = fixture("alertmanager-0.25-grouped-firing.json")
     status, body, _ = await post(http, f"{rx.url}/webhook/alertmanager", payload)
-    assert status == 200 and len(body["messages"]) == 1
+    assert status == 200 and len(await planned(http, rx.url, body)) == 1
     # the same notification again (Alertmanager retry, HA peer): 200, nothing new
     for _ in range(3):
         status, again, _ = await post(http, f"{rx.url}/webhook/alertmanager", payload)
@@ -76,7 +77,7 @@ async def test_grafana_fixture(start_receiver, fake, http):
     rx = await start_receiver()
     status, body, _ = await post(http, f"{rx.url}/webhook/grafana", fixture("grafana-webhook-firing.json"))
     assert status == 200 and body["status"] == "accepted"
-    (mid,) = body["messages"]
+    (mid,) = await planned(http, rx.url, body)
 
     async def sent():
         return len(await fake.messages(http)) == 1
@@ -92,7 +93,8 @@ async def test_truncated_alerts_reach_the_text(start_receiver, fake, http):
     body = json.loads(fixture("alertmanager-0.25-firing.json"))
     body["truncatedAlerts"] = 7
     status, answer, _ = await post(http, f"{rx.url}/webhook/alertmanager", json.dumps(body).encode())
-    async with http.get(f"{rx.url}/api/v1/messages/{answer['messages'][0]}") as r:
+    (mid,) = await planned(http, rx.url, answer)
+    async with http.get(f"{rx.url}/api/v1/messages/{mid}") as r:
         assert "(+7 not shown)" in (await r.json())["text"]
 
 
@@ -188,7 +190,7 @@ async def test_admin_api_shows_messages_without_secrets(start_receiver, fake, ht
     rx = await start_receiver(admin_auth={"bearer_tokens": ["admin"]})
     admin = {"Authorization": "Bearer admin"}
     _, body, _ = await post(http, f"{rx.url}/webhook/alertmanager", fixture("alertmanager-0.25-grouped-firing.json"))
-    mid = body["messages"][0]
+    (mid,) = await planned(http, rx.url, body, admin)
 
     async def sent():
         async with http.get(f"{rx.url}/api/v1/messages/{mid}", headers=admin) as r:
@@ -218,7 +220,7 @@ async def test_admin_api_shows_messages_without_secrets(start_receiver, fake, ht
 async def test_delivery_report_callback(start_receiver, fake, http):
     rx = await start_receiver(callbacks={"secret": "cb-secret"})
     _, body, _ = await post(http, f"{rx.url}/webhook/alertmanager", fixture("alertmanager-0.25-firing.json"))
-    mid = body["messages"][0]
+    (mid,) = await planned(http, rx.url, body)
 
     async def sent():
         return len(await fake.messages(http)) == 1
@@ -245,7 +247,7 @@ async def test_dry_run_records_and_sends_nothing(start_receiver, fake, http, cap
     rx = await start_receiver(clickatell={"api_key": ""})
     assert rx.receiver.config.dry_run
     _, body, _ = await post(http, f"{rx.url}/webhook/alertmanager", fixture("alertmanager-0.25-firing.json"))
-    mid = body["messages"][0]
+    (mid,) = await planned(http, rx.url, body)
 
     async def recorded():
         async with http.get(f"{rx.url}/api/v1/messages/{mid}") as r:

@@ -152,6 +152,7 @@ class MessageQuery:
     group: str | None = None
     state: str | None = None
     since: float | None = None
+    notification: str | None = None  # the messages planned from one webhook (its answer's id)
     limit: int = 100
 
 

@@ -474,6 +474,9 @@ class SQLiteStore:
         if query.since is not None:
             where.append("created_at>=?")
             args.append(query.since)
+        if query.notification:  # message ids start with their notification's (hex): a key range
+            where.append("id>=? AND id<?")
+            args += [query.notification, query.notification + "g"]
         sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages"
         if where:
             sql += " WHERE " + " AND ".join(where)
