@@ -177,12 +177,14 @@ class Store(Protocol):
         """The oldest inbox rows not marked failed, in the order they were received."""
 
     async def received(self, message_id: str) -> Received | None:
-        """The inbox row that will become message ``message_id``, if it is still there."""
+        """The inbox row of notification (or, from an older release, message) ``message_id``,
+        if it is still there."""
 
     async def planned(self, done: Sequence[tuple[int, Sequence[NewMessage], float]],
                       failed: Sequence[tuple[int, str]] = ()) -> None:
-        """In one transaction: insert each done row's messages (created at the given time,
-        when the notification was received) and delete the row; mark ``failed`` rows."""
+        """Insert each done row's messages (created at the given time, when the notification
+        was received; ids already stored are kept as they are), then delete the rows; mark
+        ``failed`` rows."""
 
     async def claim(
         self, now: float, limit: int, lease: float,
