@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -186,28 +186,25 @@ def dedup_key(n: Notification) -> str:
     Alertmanager retries, repeats and HA peers send the same group with the same alerts in the
     same states; any change (an alert added, one resolving, a new startsAt) is a new key.
     """
-    return _key(n.source, n.group_key, ((a.fingerprint, a.status, a.starts_at) for a in n.alerts))
+    return _key(n.source, n.group_key, [
+        f"{a.fingerprint}:{a.status.value}:{a.starts_at.isoformat() if a.starts_at else ''}"
+        for a in n.alerts
+    ])
 
 
 def webhook_key(wire: WebhookBody, source: Source) -> str:
     """:func:`dedup_key` of ``notification_of(wire, source)``, without building it."""
-    return _key(source, wire.groupKey, (
-        (a.fingerprint or label_fingerprint(a.labels), a.status, _zero_to_none(a.startsAt))
+    return _key(source, wire.groupKey, [
+        f"{a.fingerprint or label_fingerprint(a.labels)}:{a.status.value}:"
+        f"{a.startsAt.isoformat() if a.startsAt and a.startsAt.year > 1 else ''}"
         for a in wire.alerts
-    ))
+    ])
 
 
-def _key(source: str, group_key: str,
-         alerts: Iterable[tuple[str, AlertStatus, datetime | None]]) -> str:
-    h = hashlib.sha256()
-    h.update(f"{source}\x00{group_key}\x00".encode())
-    for item in sorted(
-        f"{fingerprint}:{status}:{starts_at.isoformat() if starts_at else ''}"
-        for fingerprint, status, starts_at in alerts
-    ):
-        h.update(item.encode())
-        h.update(b"\x00")
-    return h.hexdigest()
+def _key(source: str, group_key: str, alerts: list[str]) -> str:
+    alerts.sort()
+    alerts.append("")  # each alert ends with a NUL
+    return hashlib.sha256(f"{source}\x00{group_key}\x00{chr(0).join(alerts)}".encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

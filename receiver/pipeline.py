@@ -76,7 +76,7 @@ def message_id_for(notification_id: str, group_id: str) -> str:
 
 def inbox_plan(notification_id: str) -> str:
     """What the inbox keeps beside a received body: its notification id (the planner routes it)."""
-    return json.dumps({"notification": notification_id}, separators=(",", ":"))
+    return f'{{"notification":"{notification_id}"}}'  # hex: no escaping (json.dumps: 2 µs)
 
 
 def plan_received(notification: Notification, plan: str, snap: Snapshot,

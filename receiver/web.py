@@ -63,9 +63,10 @@ def _iso(ts: float | None) -> str | None:
 
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
     """The body, or None when it is larger than ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks, size = [], 0
+    length = request.content_length
+    if length is not None:
+        return None if length > limit else await request.read()
+    chunks, size = [], 0  # chunked: counted as it comes
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:

@@ -3,7 +3,14 @@ import json
 import pytest
 
 from receiver.callbacks import parse_status_callback
-from receiver.ingest import InvalidPayload, dedup_key, parse_send, parse_webhook
+from receiver.ingest import (
+    InvalidPayload,
+    dedup_key,
+    parse_send,
+    parse_webhook,
+    validate_webhook,
+    webhook_key,
+)
 from receiver.models import AlertStatus
 from tests.helpers import fixture
 
@@ -107,3 +114,18 @@ def test_status_callbacks_carry_our_message_id():
     assert [(r.api_message_id, r.client_message_id, r.final_state) for r in rest + one_api + bare] == [
         ("api1", "ours1", "delivered"), ("api2", "ours2", "delivered"), ("api3", None, None)
     ]
+
+
+@pytest.mark.parametrize("name,source", [
+    ("alertmanager-0.25-grouped-firing.json", "alertmanager"),
+    ("alertmanager-0.25-resolved.json", "alertmanager"),
+    ("grafana-webhook-firing.json", "grafana"),
+])
+def test_the_answer_paths_key_is_the_notifications(name, source):
+    """The web process keys a webhook from its validated body without building the
+    notification; it must be the very key of the notification (and of earlier releases)."""
+    body = json.loads(fixture(name))
+    for variant in (body, {**body, "alerts": [{**a, "fingerprint": "", "startsAt": "0001-01-01T00:00:00Z"}
+                                             for a in body["alerts"]]}):
+        raw = json.dumps(variant).encode()
+        assert webhook_key(validate_webhook(raw, source), source) == dedup_key(parse_webhook(raw, source))
