@@ -186,24 +186,26 @@ def dedup_key(n: Notification) -> str:
     Alertmanager retries, repeats and HA peers send the same group with the same alerts in the
     same states; any change (an alert added, one resolving, a new startsAt) is a new key.
     """
-    return _key(n.source, n.group_key, [
-        f"{a.fingerprint}:{a.status.value}:{a.starts_at.isoformat() if a.starts_at else ''}"
-        for a in n.alerts
-    ])
+    return _key(n.source, n.group_key,
+                [_alert_key(a.fingerprint, a.status, a.starts_at) for a in n.alerts])
 
 
 def webhook_key(wire: WebhookBody, source: Source) -> str:
     """:func:`dedup_key` of ``notification_of(wire, source)``, without building it."""
     return _key(source, wire.groupKey, [
-        f"{a.fingerprint or label_fingerprint(a.labels)}:{a.status.value}:"
-        f"{a.startsAt.isoformat() if a.startsAt and a.startsAt.year > 1 else ''}"
+        _alert_key(a.fingerprint or label_fingerprint(a.labels), a.status, _zero_to_none(a.startsAt))
         for a in wire.alerts
     ])
 
 
+def _alert_key(fingerprint: str, status: AlertStatus, starts_at: datetime | None) -> str:
+    return f"{fingerprint}:{status.value}:{starts_at.isoformat() if starts_at else ''}"
+
+
 def _key(source: str, group_key: str, alerts: list[str]) -> str:
+    """One hash of the source, group key and sorted alerts, each ended by a NUL."""
     alerts.sort()
-    alerts.append("")  # each alert ends with a NUL
+    alerts.append("")
     return hashlib.sha256(f"{source}\x00{group_key}\x00{chr(0).join(alerts)}".encode()).hexdigest()
 
 

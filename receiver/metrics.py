@@ -275,8 +275,10 @@ class Metrics:
         return generate_latest(_Families([f for f in self.registry.collect() if f.name not in own]))  # type: ignore[arg-type]
 
     def count_planned(self, messages: Iterable[NewMessage]) -> None:
-        """Count what planning decided for each new message: held, suppressed, template failed."""
+        """Count each new message (routed to its group and level) and what planning decided
+        for it: held, suppressed, template failed."""
         for msg in messages:
+            self.child(self.routed, msg.group_id, msg.level).inc()
             if msg.suppressed:
                 self.suppressed.labels(msg.group_id).inc()
             elif msg.hold_reason:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from receiver.ingest import parse_webhook
 from receiver.metrics import Metrics
 from receiver.models import NewMessage, Notification
-from receiver.pipeline import Snapshot, plan_received
+from receiver.pipeline import Plan, Snapshot, plan_received
 from receiver.routing import RoutingResult
 from receiver.store import Store, StoreError
 
@@ -74,7 +74,7 @@ class Planner:
             return 0
         snap = self._snapshot()
         done, failed = [], []
-        routings: list[tuple[Notification, RoutingResult]] = []  # for the unrouted counts
+        plans: list[tuple[Notification, Plan]] = []  # counted once committed
         for row in rows:
             try:
                 notification = parse_webhook(row.body, row.source)
@@ -86,25 +86,20 @@ class Planner:
             for group_id in dropped:
                 log.warning("group %s was removed from the config after notification %d was "
                             "received: its message is dropped", group_id, row.id)
-            messages = plan.messages
-            routings.append((notification, plan.routing))
-            done.append((row.id, messages, row.received_at))
+            plans.append((notification, plan))
+            done.append((row.id, plan.messages, row.received_at))
             log.info("planned %s notification %d: alerts=%d group_key=%r messages=%s",
                      row.source, row.id, len(notification.alerts), notification.group_key,
-                     ",".join(_describe(m) for m in messages) or "-")
+                     ",".join(_describe(m) for m in plan.messages) or "-")
         try:
             await self._store.planned(done, failed)
         except StoreError as exc:
             self._error(exc)  # the rows stay in the inbox: planned again next pass
             return 0
         self.last_error = None
-        m = self._metrics
-        for _, messages, _ in done:
-            for msg in messages:
-                m.child(m.routed, msg.group_id, msg.level).inc()
-            m.count_planned(messages)
-        for notification, routing in routings:
-            _count_unrouted(m, notification, routing)
+        for notification, plan in plans:
+            self._metrics.count_planned(plan.messages)
+            _count_unrouted(self._metrics, notification, plan.routing)
         self._metrics.planning_failures.inc(len(failed))
         if done:
             self._planned()

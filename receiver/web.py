@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -35,7 +35,6 @@ from receiver.ingest import (
     webhook_key,
 )
 from receiver.metrics import merge_expositions
-from receiver.models import NewMessage
 from receiver.pipeline import inbox_plan, new_message_id, plan_send
 from receiver.routing import route
 from receiver.store import MESSAGE_STATES, MessageQuery, MessageRecord, StoreError
@@ -99,8 +98,7 @@ def admin(handler: Handler) -> Handler:
 
 async def _webhook(request: web.Request, source: Literal["alertmanager", "grafana"]) -> web.Response:
     r = request.app[RECEIVER]
-    snap = r.snapshot
-    cfg = snap.config
+    cfg = r.config
     m = r.metrics
     start = r.clock.monotonic()
 
@@ -156,12 +154,6 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
     return done("accepted", web.Response(body=answer.encode(), headers=_JSON), about)
 
 
-def _count_planned(r: Receiver, messages: Sequence[NewMessage]) -> None:
-    for msg in messages:
-        r.metrics.routed.labels(msg.group_id, msg.level).inc()
-    r.metrics.count_planned(messages)
-
-
 async def alertmanager_webhook(request: web.Request) -> web.Response:
     return await _webhook(request, "alertmanager")
 
@@ -212,7 +204,7 @@ async def send(request: web.Request) -> web.Response:
         return _error(503, "could not store the messages; retry")
     r.wake_dispatcher()
     r.metrics.webhooks.labels("send", "accepted").inc()
-    _count_planned(r, messages)
+    r.metrics.count_planned(messages)
     partial = len(messages) < len(items)
     log.info("send items=%d accepted=%d", len(items), len(messages))
     return _json({"status": "partial" if partial else "accepted", "results": answers},

@@ -5,7 +5,8 @@ inbox and the webhooks' dedup keys. A webhook is answered once it is committed t
 file, whose write lock only the web process takes in a storm: the worker's commits (planning,
 claims, results) lock the other file, so they never hold a webhook's answer back. The planner
 moves a notification across in two commits, messages first (``INSERT OR IGNORE`` by their ids,
-fixed on receipt) and then the inbox row, so a crash in between only repeats a harmless step.
+derived from the notification id) and then the inbox row, so a crash in between only repeats a
+harmless step.
 
 Each file is written by one thread that group-commits (:mod:`receiver.store.writer`). The stdlib
 ``sqlite3`` module is used rather than aiosqlite because a group commit must run a whole batch of
