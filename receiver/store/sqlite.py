@@ -8,7 +8,8 @@ moves a notification across in two commits, messages first (``INSERT OR IGNORE``
 derived from the notification id) and then the inbox row, so a crash in between only repeats a
 harmless step.
 
-Each file is written by one thread that group-commits (:mod:`receiver.store.writer`). The stdlib
+Each file has one writer that group-commits (:mod:`receiver.store.writer`): the outbox from a
+thread of its own, the inbox from the event loop with its fsyncs in a thread. The stdlib
 ``sqlite3`` module is used rather than aiosqlite because a group commit must run a whole batch of
 statements in one hop to the database thread, which aiosqlite's per-statement API does not offer.
 """
@@ -41,7 +42,7 @@ from receiver.store import (
     StoreError,
     Throttle,
 )
-from receiver.store.writer import GroupCommit
+from receiver.store.writer import GroupCommit, LoopCommit
 from receiver.summary import Entry, Summary, bundle, count_alerts, digest
 
 T = TypeVar("T")
@@ -163,7 +164,7 @@ class SQLiteStore:
         self.inbox_path = inbox_path(path)
         self.busy_timeout = busy_timeout
         self._w = GroupCommit("writer", busy_timeout)
-        self._iw = GroupCommit("inbox", busy_timeout) if self.inbox_path else self._w
+        self._iw = LoopCommit("inbox", busy_timeout) if self.inbox_path else self._w
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
         self._r: sqlite3.Connection | None = None
 
