@@ -261,18 +261,20 @@ class LoopCommit(_Batches):
         if self._queue:  # still waiting for the lock: not written
             self._settle(self._queue, StoreError("the outbox is closing"))
             self._queue = []
+        # from here on write() refuses: the loop must not use the connection the thread closes
+        conn, self.conn = self.conn, None
 
         def shut() -> None:  # after the sync thread's last job (one thread, jobs in order)
-            for conn in (self._checkpointer, self.conn):
-                if conn is not None:
-                    conn.close()
+            for c in (self._checkpointer, conn):
+                if c is not None:
+                    c.close()
             if self._wal_fd >= 0:
                 os.close(self._wal_fd)
 
         await self.call(shut)
         await asyncio.sleep(0)  # the last batches' answers (call_soon_threadsafe) run
         self._thread.shutdown(wait=True)
-        self.conn, self._checkpointer, self._wal_fd = None, None, -1
+        self._checkpointer, self._wal_fd = None, -1
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in the next group commit; return once that commit is durable."""
