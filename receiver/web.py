@@ -129,7 +129,7 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
     except InvalidPayload as exc:
         return done("invalid", _error(exc.status, exc.reason), reason=repr(exc.reason))
     for alert in wire.alerts:
-        m.child(m.alerts, source, alert.status.value).inc()
+        m.child(m.alerts, source, alert.status).inc()
 
     now = r.clock.now()
     nid = new_message_id(now)

@@ -1,10 +1,15 @@
 import json
+from datetime import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from receiver.callbacks import parse_status_callback
 from receiver.ingest import (
     InvalidPayload,
+    _key_time,
+    _zero_to_none,
     dedup_key,
     parse_send,
     parse_webhook,
@@ -62,12 +67,27 @@ def test_grafana_fixture():
     (b'{"alerts": [{"status": "firing", "labels": {"a": 1}}]}', 422, "alerts.0.labels.a"),
     (b'{"alerts": [{"status": "firing"}]}', 422, "alerts.0.labels: required"),
     (b'{"alerts": "x"}', 422, "alerts"),
+    (b'{"alerts": [{"status": "firing", "labels": {"ok": "1", "bad": null}}]}', 422, "alerts.0.labels.bad:"),
+    (b'{"alerts": [{"status": "firing", "labels": {}, "startsAt": "yesterday"}]}', 422,
+     "alerts.0.startsAt: not an RFC 3339 time"),
+    (b'{"alerts": [{"status": "firing", "labels": {}}], "truncatedAlerts": -1}', 422, "truncatedAlerts"),
 ])
 def test_bad_inputs_name_the_problem(body, status, needle):
     with pytest.raises(InvalidPayload) as info:
         parse_webhook(body, "alertmanager")
     assert info.value.status == status
     assert needle in info.value.reason
+
+
+def test_grafana_nulls_read_as_empty():
+    body = json.loads(fixture("grafana-webhook-firing.json"))
+    body.update(groupLabels=None, commonLabels=None, commonAnnotations=None)
+    body["alerts"][0].update(silenceURL=None, dashboardURL=None, panelURL=None, imageURL=None,
+                             generatorURL=None, annotations=None, values=None)
+    n = parse_webhook(json.dumps(body).encode(), "grafana")
+    a = n.alerts[0]
+    assert (n.group_labels, n.common_labels, a.annotations, a.values) == ({}, {}, {}, None)
+    assert (a.silence_url, a.dashboard_url, a.panel_url, a.image_url, a.generator_url) == ("",) * 5
 
 
 def test_legacy_grafana_is_named():
@@ -129,3 +149,24 @@ def test_the_answer_paths_key_is_the_notifications(name, source):
                                              for a in body["alerts"]]}):
         raw = json.dumps(variant).encode()
         assert webhook_key(validate_webhook(raw, source), source) == dedup_key(parse_webhook(raw, source))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)),
+       st.integers(0, 999), st.sampled_from(["go", "millis", "micros", "offset", "naive"]))
+def test_key_times_are_isoformat_of_the_parsed_time(moment, nanos, style):
+    """The key's fast path for Alertmanager's times gives what parsing and isoformat give."""
+    base = f"{moment.year:04d}-{moment:%m-%dT%H:%M:%S}"
+    if style == "go":  # Go's RFC3339Nano: up to 9 digits, trailing zeros trimmed, none if zero
+        digits = f"{moment.microsecond:06d}{nanos:03d}".rstrip("0")
+        raw = f"{base}.{digits}Z" if digits else f"{base}Z"
+    elif style == "millis":
+        raw = f"{base}.{moment.microsecond // 1000:03d}Z"
+    elif style == "micros":
+        raw = f"{base}.{moment.microsecond:06d}Z"
+    elif style == "offset":
+        raw = f"{base}.{moment.microsecond:06d}+02:00"
+    else:
+        raw = base
+    parsed = _zero_to_none(datetime.fromisoformat(raw))
+    assert _key_time(raw) == (parsed.isoformat() if parsed else "")
