@@ -65,45 +65,57 @@ class Planner:
             return await self._pass()
 
     async def _pass(self) -> int:
+        """Inbox rows first (kept from an older release, or ``:memory:``), then the journal."""
         try:
             rows = await self._store.inbox(BATCH)
+            batch = None if rows else await self._store.unplanned(BATCH)
         except StoreError as exc:
             self._error(exc)
             return 0
-        if not rows:
-            return 0
+        if batch is not None:
+            rows = batch.rows
+            if not rows and batch.after is None:
+                return 0
         snap = self._snapshot()
         done, failed = [], []
-        plans: list[tuple[Notification, Plan]] = []  # counted once committed
+        plans: dict[int, tuple[Notification, Plan]] = {}  # counted and logged once committed
         for row in rows:
             try:
                 notification = parse_webhook(row.body, row.source)
                 plan, dropped = plan_received(notification, row.plan, snap, row.received_at)
             except Exception as exc:  # the body was validated on receipt: only a bug lands here
-                log.exception("cannot plan received notification %d; kept in the inbox", row.id)
+                log.exception("cannot plan received notification %s; kept in the inbox", row.plan[:40])
                 failed.append((row.id, f"{type(exc).__name__}: {exc}"))
                 continue
             for group_id in dropped:
-                log.warning("group %s was removed from the config after notification %d was "
-                            "received: its message is dropped", group_id, row.id)
-            plans.append((notification, plan))
+                log.warning("group %s was removed from the config after a notification was "
+                            "received: its message is dropped", group_id)
+            plans[row.id] = (notification, plan)
             done.append((row.id, plan.messages, row.received_at))
-            log.info("planned %s notification %d: alerts=%d group_key=%r messages=%s",
-                     row.source, row.id, len(notification.alerts), notification.group_key,
-                     ",".join(_describe(m) for m in plan.messages) or "-")
         try:
-            await self._store.planned(done, failed)
+            if batch is None:
+                await self._store.planned(done, failed)
+                replays: set[int] = set()
+            else:
+                replays = await self._store.planned_unplanned(batch, done, failed)
         except StoreError as exc:
-            self._error(exc)  # the rows stay in the inbox: planned again next pass
+            self._error(exc)  # nothing moved on: planned again next pass
             return 0
         self.last_error = None
-        for notification, plan in plans:
+        for row_id, (notification, plan) in plans.items():
+            if row_id in replays:  # older than the web process remembered: the inbox knew it
+                log.info("replayed %s notification dropped: group_key=%r", notification.source,
+                         notification.group_key)
+                continue
             self._metrics.count_planned(plan.messages)
             _count_unrouted(self._metrics, notification, plan.routing)
+            log.info("planned %s notification: alerts=%d group_key=%r messages=%s",
+                     notification.source, len(notification.alerts), notification.group_key,
+                     ",".join(_describe(m) for m in plan.messages) or "-")
         self._metrics.planning_failures.inc(len(failed))
-        if done:
+        if len(replays) < len(done):
             self._planned()
-        return len(rows)
+        return max(len(rows), 1)
 
     def _error(self, exc: StoreError) -> None:
         if self.last_error is None:

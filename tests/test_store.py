@@ -1,4 +1,6 @@
 import asyncio
+import hashlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
@@ -16,7 +18,14 @@ from receiver.store import (
     open_store,
     sqlite_path,
 )
+from receiver.store import journal
+from receiver.store import sqlite as sqlite_store
 from receiver.store.sqlite import SQLiteStore
+
+
+def key(i: int) -> str:
+    """A dedup key as the receiver makes them: a SHA-256 hex digest."""
+    return hashlib.sha256(str(i).encode()).hexdigest()
 
 
 def msg(i: str, priority: int = 1, recipients=("+886911960999", "+886911960998")) -> NewMessage:
@@ -201,19 +210,88 @@ async def test_an_outbox_from_before_paging_is_upgraded_in_place(tmp_path: Path)
         assert [m.id for m in claimed] == ["m0"] and claimed[0].pending_numbers == ("+886911960999",)
 
 
-async def test_the_inbox_has_a_file_of_its_own_and_planning_twice_changes_nothing(store, tmp_path: Path):
+async def test_webhooks_go_to_the_journal_and_are_planned_from_it_once(store, tmp_path: Path):
     s = store
-    assert (tmp_path / "outbox.inbox.db").exists()
     assert await s.receive("k", "alertmanager", 1000.0, 60.0, b"{}", "[]")
     assert not await s.receive("k", "alertmanager", 1001.0, 60.0, b"{}", "[]")  # a replay
-    (row,) = await s.inbox(10)
-    await s.planned([(row.id, [msg("m1")], row.received_at)])
-    claimed = await s.claim(1002.0, 10, 30.0)
-    # a crash between the two commits: the notification is planned again, same ids
-    await s.planned([(row.id, [msg("m1")], row.received_at)])
-    assert [m.id for m in claimed] == ["m1"]
-    assert (await s.get_message("m1")).state == "sending"  # left as it was
-    assert await s.inbox(10) == [] and (await s.stats()).inbox == 0
+    assert (tmp_path / "outbox.journal.00000001").exists() and await s.inbox(10) == []
+    assert (await s.stats()).inbox == 1  # answered, not planned
+    batch = await s.unplanned(10)
+    (row,) = batch.rows
+    assert (row.source, row.key, row.window, row.received_at) == ("alertmanager", "k", 60.0, 1000.0)
+    # planned twice (a crash before the position was kept is the same): stored once
+    assert await s.planned_unplanned(batch, [(row.id, [msg("m1")], row.received_at)]) == set()
+    assert await s.planned_unplanned(batch, [(row.id, [msg("m1")], row.received_at)]) == {row.id}
+    assert [m.id for m in await s.claim(1002.0, 10, 30.0)] == ["m1"]
+    assert (await s.unplanned(10)).rows == [] and (await s.stats()).inbox == 0
+
+
+async def test_the_journal_survives_a_restart_and_a_torn_tail(tmp_path: Path):
+    path = tmp_path / "outbox.db"
+    async with opened(path) as s:
+        assert await s.receive("a" * 64, "alertmanager", 1000.0, 60.0, b'{"n":1}', "[]")
+    segment = tmp_path / "outbox.journal.00000001"
+    whole = segment.stat().st_size
+    with open(segment, "ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")  # a crash in the middle of a write: never answered
+    async with opened(path) as s:
+        assert not await s.receive("a" * 64, "alertmanager", 1010.0, 60.0, b'{"n":1}', "[]")  # remembered
+        assert segment.stat().st_size == whole  # cut off when the journal was opened for writing
+        assert await s.receive("b" * 64, "alertmanager", 1011.0, 60.0, b'{"n":2}', "[]")
+        assert [r.body for r in (await s.unplanned(10)).rows] == [b'{"n":1}', b'{"n":2}']
+
+
+async def test_segments_rotate_and_planned_ones_are_deleted(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(journal, "SEGMENT_BYTES", 300)
+    async with opened(tmp_path / "outbox.db") as s:
+        for i in range(6):
+            assert await s.receive(key(i), "grafana", 1000.0 + i, 60.0, b"x" * 200, "[]")
+        assert len(journal.segments(str(tmp_path / "outbox.journal"))) >= 3
+        seen = []
+        while (batch := await s.unplanned(2)).rows or batch.after is not None:
+            seen += [r.body for r in batch.rows]
+            await s.planned_unplanned(batch, [(r.id, [], r.received_at) for r in batch.rows])
+        assert len(seen) == 6
+        assert journal.segments(str(tmp_path / "outbox.journal")) == [journal.segments(str(tmp_path / "outbox.journal"))[-1]]
+
+
+async def test_a_replay_the_web_process_forgot_is_dropped_when_planned(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "KEYS_IN_MEMORY", 4)  # the web process remembers few keys
+    async with opened(tmp_path / "outbox.db") as s:
+        for i in range(8):
+            assert await s.receive(key(i), "alertmanager", 1000.0 + i, 600.0, b"{}", "[]")
+        batch = await s.unplanned(100)
+        assert await s.planned_unplanned(batch, [(r.id, [msg(f"m{r.id}")], r.received_at) for r in batch.rows]) == set()
+        assert await s.receive(key(0), "alertmanager", 1100.0, 600.0, b"{}", "[]")  # forgotten here
+        batch = await s.unplanned(100)
+        assert await s.planned_unplanned(batch, [(0, [msg("again")], 1100.0)]) == {0}  # known there
+        assert await s.get_message("again") is None
+
+
+async def test_a_failed_journal_write_answers_an_error_and_its_twin_too(store, tmp_path: Path):
+    s = store
+    assert await s.receive("warm", "alertmanager", 999.0, 60.0, b"{}", "[]")
+    real_write = os.write
+    monkeypatch_fail = {"on": True}
+
+    def failing_write(fd, data):
+        if monkeypatch_fail["on"]:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    os.write = failing_write
+    try:
+        first = asyncio.ensure_future(s.receive("k", "alertmanager", 1000.0, 60.0, b"{}", "[]"))
+        twin = asyncio.ensure_future(s.receive("k", "alertmanager", 1000.5, 60.0, b"{}", "[]"))
+        results = await asyncio.gather(first, twin, return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in results)  # the twin is no "duplicate" of nothing
+        with pytest.raises(StoreError):
+            await s.ping()
+    finally:
+        os.write = real_write
+    await s.ping()  # a probe write clears it
+    assert await s.receive("k", "alertmanager", 1001.0, 60.0, b"{}", "[]")  # not remembered: stored now
+    assert [r.key for r in (await s.unplanned(10)).rows] == ["warm", "k"]
 
 
 async def test_an_inbox_kept_in_the_outbox_file_moves_to_its_own(tmp_path: Path):

@@ -2,11 +2,16 @@
 
 Contract shared by every implementation:
 
-- :meth:`Store.receive` commits a webhook's body and routing durably (the *inbox*), or raises
-  :class:`StoreError`; only after it returns may the webhook be answered 2xx. A notification
-  whose dedup key was seen within ``window`` seconds is a replay: nothing is written.
-- :meth:`Store.planned` turns inbox rows into messages: the rows leave in the transaction that
-  inserts their messages, so a notification is planned exactly once whoever crashes when.
+- :meth:`Store.receive` makes a webhook's body and routing durable (the SQLite store: a record
+  appended to its journal), or raises :class:`StoreError`; only after it returns may the webhook
+  be answered 2xx. A notification whose dedup key was seen within ``window`` seconds is a
+  replay: nothing is written (a replay older than what the receiving process remembers is
+  stored, and dropped when planned).
+- :meth:`Store.unplanned` / :meth:`Store.planned_unplanned` turn received notifications into
+  messages: their dedup keys, their messages and the position after them commit together, so a
+  notification is planned exactly once whoever crashes when. :meth:`Store.inbox` /
+  :meth:`Store.planned` do the same for inbox rows (kept from an older release, or that could
+  not be planned).
 - :meth:`Store.accept` commits messages planned at once (``/send``), with the same dedup rule.
 - :meth:`Store.claim` hands out due messages under a lease; a claimed message whose lease ran out
   (the process died mid-send) is due again. This is the only at-least-once window.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from receiver.config import parse_duration
@@ -109,6 +114,17 @@ class Received:
     body: bytes
     plan: str
     error: str | None = None  # why it could not be planned (it stays in the inbox)
+    key: str = ""  # journal rows: the dedup key, checked when planned, and its window
+    window: float = 0.0
+
+
+@dataclass(frozen=True)
+class Unplanned:
+    """Received notifications not yet planned, from the journal: ``rows`` numbered from 0 and
+    the position after them (None: the same as before)."""
+
+    rows: list[Received]
+    after: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +195,14 @@ class Store(Protocol):
     async def received(self, message_id: str) -> Received | None:
         """The inbox row of notification (or, from an older release, message) ``message_id``,
         if it is still there."""
+
+    async def unplanned(self, limit: int) -> Unplanned:
+        """The journal's notifications after the planned position (about ``limit``)."""
+
+    async def planned_unplanned(self, batch: Unplanned, done: Sequence[tuple[int, Sequence[NewMessage], float]],
+                                failed: Sequence[tuple[int, str]] = ()) -> set[int]:
+        """Like :meth:`planned` for a journal batch, with each row's dedup key checked in the
+        same transaction, and the position moved past it; returns the ids of replays."""
 
     async def planned(self, done: Sequence[tuple[int, Sequence[NewMessage], float]],
                       failed: Sequence[tuple[int, str]] = ()) -> None:

@@ -1,15 +1,19 @@
-"""The embedded outbox on SQLite (WAL, ``synchronous=FULL``), in two files.
+"""The embedded outbox on SQLite (WAL, ``synchronous=FULL``), with a journal in front.
 
-``outbox.db`` holds messages, recipients and sends; ``outbox.inbox.db`` beside it holds the
-inbox and the webhooks' dedup keys. A webhook is answered once it is committed to the inbox
-file, whose write lock only the web process takes in a storm: the worker's commits (planning,
-claims, results) lock the other file, so they never hold a webhook's answer back. The planner
-moves a notification across in two commits, messages first (``INSERT OR IGNORE`` by their ids,
-derived from the notification id) and then the inbox row, so a crash in between only repeats a
-harmless step.
+A webhook is answered once it is a record in the journal (:mod:`receiver.store.journal`,
+``outbox.journal.NNNNNNNN``), synced in groups: no SQL on the answer path. The web process
+remembers the recent dedup keys (``KEYS_IN_MEMORY``) to answer replays; the worker's planner
+reads the journal and commits, in one ``outbox.db`` transaction, each record's dedup key (the
+authoritative check: a replay the web process no longer remembered is dropped here), its
+messages and the journal position after the batch, then deletes segments it has passed.
 
-Each file has one writer that group-commits (:mod:`receiver.store.writer`): the outbox from a
-thread of its own, the inbox from the event loop with its fsyncs in a thread. The stdlib
+``outbox.inbox.db`` beside it keeps the inbox table: notifications that could not be planned
+(with their error, for an operator) and those an older release received there, which the
+planner takes first; and ``inbox_keys``, the dedup keys of that release. ``:memory:`` has no
+journal: webhooks go straight into its inbox table.
+
+``outbox.db`` has one writer that group-commits (:mod:`receiver.store.writer`) from a thread of
+its own; the inbox file's writer runs in the event loop with its fsyncs in a thread. The stdlib
 ``sqlite3`` module is used rather than aiosqlite because a group commit must run a whole batch of
 statements in one hop to the database thread, which aiosqlite's per-statement API does not offer.
 """
@@ -17,7 +21,10 @@ statements in one hop to the database thread, which aiosqlite's per-statement AP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,12 +47,16 @@ from receiver.store import (
     RecipientUpdate,
     Released,
     StoreError,
+    Unplanned,
     Throttle,
 )
+from receiver.store import journal
+from receiver.store.journal import JournalWriter
 from receiver.store.writer import GroupCommit, LoopCommit
 from receiver.summary import Entry, Summary, bundle, count_alerts, digest
 
 T = TypeVar("T")
+log = logging.getLogger("sms_receiver.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS notifications (
@@ -54,6 +65,11 @@ CREATE TABLE IF NOT EXISTS notifications (
     received_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS notifications_received ON notifications(received_at);
+CREATE TABLE IF NOT EXISTS journal_pos (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    segment     INTEGER NOT NULL,
+    offset      INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS messages (
     id              TEXT PRIMARY KEY,
     created_at      REAL NOT NULL,
@@ -158,10 +174,28 @@ def inbox_path(path: str) -> str | None:
     return None if path == ":memory:" else str(Path(path).with_suffix(".inbox.db"))
 
 
+def journal_base(path: str) -> str | None:
+    """The journal's segments beside an outbox file: ``outbox.journal.00000001`` …"""
+    return None if path == ":memory:" else str(Path(path).with_suffix(".journal"))
+
+
+KEYS_IN_MEMORY = 100_000  # dedup keys the web process answers from (~10 MB); the worker checks all
+
+
 class SQLiteStore:
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
         self.inbox_path = inbox_path(path)
+        self.journal_base = journal_base(path)
+        # the web process: the journal it appends to, and the recent dedup keys (16 bytes of
+        # each, by received_at) with the writes still in flight; made at the first receive
+        self._journal: JournalWriter | None = None
+        self._journal_lock = asyncio.Lock()
+        self._keys: dict[bytes | str, float] = {}
+        self._key_writes: dict[bytes | str, asyncio.Future[None]] = {}
+        self._keys_added = 0
+        # the worker: how far the journal has been planned (segment, offset)
+        self._position: tuple[int, int] | None = None
         self.busy_timeout = busy_timeout
         self._w = GroupCommit("writer", busy_timeout)
         self._iw = LoopCommit("inbox", busy_timeout) if self.inbox_path else self._w
@@ -210,6 +244,9 @@ class SQLiteStore:
             raise StoreError(f"cannot open SQLite outbox {self.path!r}: {exc}") from exc
 
     async def close(self) -> None:
+        if self._journal is not None:
+            await self._journal.close()
+            self._journal = None
         if self._r is not None and self._r is not self._w.conn:
             await asyncio.get_running_loop().run_in_executor(self._reader, self._r.close)
         if self._iw is not self._w:
@@ -250,13 +287,161 @@ class SQLiteStore:
     async def receive(
         self, key: str, source: str, now: float, window: float, body: bytes, plan: str
     ) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            if not _fresh_key(conn, "inbox_keys", key, source, now, window):
-                return False
-            self._iw.defer(conn, _insert_inbox, (now, source, body, plan))
-            return True
+        if self.journal_base is None:  # ":memory:": straight into the inbox
+            def op(conn: sqlite3.Connection) -> bool:
+                if not _fresh_key(conn, "inbox_keys", key, source, now, window):
+                    return False
+                self._iw.defer(conn, _insert_inbox, (now, source, body, plan))
+                return True
 
-        return await self._iw.write(op)
+            return await self._iw.write(op)
+        if self._journal is None:
+            await self._open_journal(now - window)
+        assert self._journal is not None
+        short = _short(key)
+        in_flight = self._key_writes.get(short)
+        if in_flight is not None:  # its twin is being written: a duplicate only if that lands
+            await asyncio.shield(in_flight)
+            return False
+        before = self._keys.get(short)
+        if before is not None and now - before < window:
+            return False
+        self._remember(short, now, window)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._key_writes[short] = written
+        try:
+            await self._journal.append(journal.encode(now, window, source, key, plan, body))
+        except StoreError as exc:
+            if before is None:
+                self._keys.pop(short, None)
+            else:
+                self._keys[short] = before
+            written.set_exception(exc)
+            written.exception()  # retrieved: a twin may not be waiting
+            raise
+        else:
+            written.set_result(None)
+        finally:
+            del self._key_writes[short]
+        return True
+
+    def _remember(self, short: bytes | str, now: float, window: float) -> None:
+        keys = self._keys
+        keys.pop(short, None)  # to the end: the dict is in received order
+        keys[short] = now
+        self._keys_added += 1
+        if len(keys) > KEYS_IN_MEMORY or self._keys_added >= KEYS_IN_MEMORY // 4:
+            # rebuilt rather than trimmed at the front (deleting a dict's first entries one by
+            # one makes finding the next one slower each time): the newest half, in the window
+            self._keys_added = 0
+            kept = list(keys.items())[-(KEYS_IN_MEMORY // 2):]
+            self._keys = {k: at for k, at in kept if now - at < window}
+
+    async def _open_journal(self, since: float) -> None:
+        """The web process's first receive: open the journal and load the dedup keys of the
+        window, from the inbox and from the records not yet moved there."""
+        async with self._journal_lock:
+            if self._journal is not None:
+                return
+            if self._r is None:
+                raise StoreError("the outbox is not open")
+            writer = journal.JournalWriter(self.journal_base or "")
+            await writer.open()
+
+            def q(conn: sqlite3.Connection) -> tuple[list[tuple[str, float]], tuple[int, int]]:
+                rows = conn.execute(
+                    "SELECT dedup_key, received_at FROM notifications WHERE received_at>? UNION ALL "
+                    "SELECT dedup_key, received_at FROM ib.inbox_keys WHERE received_at>? "
+                    "ORDER BY received_at DESC LIMIT ?", (since, since, KEYS_IN_MEMORY // 2)).fetchall()
+                return rows[::-1], _position(conn)
+
+            try:
+                rows, position = await self._read(q)
+                unmoved = await asyncio.get_running_loop().run_in_executor(
+                    self._reader, _unmoved, writer.base, position)
+            except BaseException:
+                await writer.close()
+                raise
+            self._keys = {_short(k): at for k, at in rows}
+            for r in filter(lambda r: r.source, unmoved):
+                self._keys.pop(_short(r.key), None)
+                self._keys[_short(r.key)] = r.received_at
+            self._journal = writer
+
+    async def unplanned(self, limit: int) -> Unplanned:
+        """The worker: records of the journal after the planned position (about ``limit``),
+        as inbox rows numbered from 0; passes over closed segments read in full."""
+        base = self.journal_base
+        if base is None:
+            return Unplanned([], None)
+        if self._r is None:
+            raise StoreError("the outbox is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            if self._position is None:
+                self._position = await self._read(_position)
+            numbers = await loop.run_in_executor(self._reader, journal.segments, base)
+            segment, offset = self._position
+            while True:  # from the position, over segments that are gone or read in full
+                later = [n for n in numbers if n > segment]
+                records: list[journal.Record] = []
+                end, size = offset, offset
+                if segment in numbers:
+                    records, end, size = await loop.run_in_executor(
+                        self._reader, journal.read, base, segment, offset, 1 << 20, limit)
+                if records or not later:
+                    break
+                if end < size:  # closed: what is left makes no record
+                    log.error("journal segment %s: %d bytes after offset %d are not a whole "
+                              "record; skipped", journal.segment_path(base, segment), size - end, end)
+                segment, offset = later[0], 0
+            after = (segment, end)
+        except OSError as exc:
+            raise StoreError(f"cannot read the journal: {exc}") from exc
+        rows = [Received(i, r.received_at, r.source, r.body, r.plan, key=r.key, window=r.window)
+                for i, r in enumerate(records)]
+        return Unplanned([r for r in rows if r.source], after if after != self._position else None)
+
+    async def planned_unplanned(self, batch: Unplanned, done: Sequence[tuple[int, Sequence[NewMessage], float]],
+                                failed: Sequence[tuple[int, str]] = ()) -> set[int]:
+        """The worker: in one outbox transaction, each done row's dedup key and messages (a row
+        whose key is already there within its window is a replay the web process no longer
+        remembered: nothing stored) and the position after the batch; ``failed`` rows move to
+        the inbox first, with their error. Returns the replays' ids."""
+        rows = {r.id: r for r in batch.rows}
+        if failed:
+            await self._iw.write(lambda conn: conn.executemany(
+                "INSERT INTO inbox(received_at, source, body, plan, error) VALUES (?,?,?,?,?)",
+                [(rows[i].received_at, rows[i].source, rows[i].body, rows[i].plan, e) for i, e in failed]))
+
+        def op(conn: sqlite3.Connection) -> set[int]:
+            replays = set()
+            fresh: list[tuple[NewMessage, float]] = []
+            for i, messages, at in done:
+                r = rows[i]
+                if _fresh_key(conn, "notifications", r.key, r.source, r.received_at, r.window):
+                    fresh += [(m, at) for m in messages]
+                else:
+                    replays.add(i)
+            for i, _ in failed:
+                r = rows[i]
+                _fresh_key(conn, "notifications", r.key, r.source, r.received_at, r.window)
+            if fresh:
+                _insert(conn, fresh, again=True)
+            if batch.after is not None:
+                conn.execute("INSERT INTO journal_pos(id, segment, offset) VALUES (1,?,?) "
+                             "ON CONFLICT(id) DO UPDATE SET segment=excluded.segment, "
+                             "offset=excluded.offset", batch.after)
+            return replays
+
+        replays = await self._w.write(op)
+        if batch.after is not None and self.journal_base is not None:
+            self._position = batch.after
+            for n in journal.segments(self.journal_base):
+                if n < batch.after[0]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(journal.segment_path(self.journal_base, n))
+        return replays
 
     async def inbox(self, limit: int) -> list[Received]:
         def q(conn: sqlite3.Connection) -> list[Received]:
@@ -278,7 +463,16 @@ class SQLiteStore:
 
         if not message_id.isalnum():
             return None
-        return await self._read(q)
+        found = await self._read(q)
+        if found is not None or self.journal_base is None:
+            return found
+        # answered, not yet moved into the inbox: in the journal after the worker's position
+        position = await self._read(lambda conn: _position(conn))
+        unmoved = await asyncio.get_running_loop().run_in_executor(
+            self._reader, _unmoved, self.journal_base, position)
+        needle = f'"{message_id}"'
+        return next((Received(0, r.received_at, r.source, r.body, r.plan) for r in unmoved
+                     if r.source and needle in r.plan), None)
 
     async def planned(self, done: Sequence[tuple[int, Sequence[NewMessage], float]],
                       failed: Sequence[tuple[int, str]] = ()) -> None:
@@ -454,6 +648,9 @@ class SQLiteStore:
         for writer in {self._w, self._iw}:
             if writer.failing is not None:
                 await writer.write(lambda conn: None)
+        if self._journal is not None and self._journal.failing is not None:
+            # a real write (a probe record, skipped by readers): clears a failure that has passed
+            await self._journal.append(journal.PROBE)
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         def q(conn: sqlite3.Connection) -> MessageRecord | None:
@@ -501,6 +698,11 @@ class SQLiteStore:
             ).fetchone()
             if inbox_oldest is not None and (oldest is None or inbox_oldest < oldest):
                 oldest = inbox_oldest  # waiting to be planned is waiting too
+            if self.journal_base is not None:  # answered, not yet moved into the inbox
+                unmoved = [r for r in _unmoved(self.journal_base, _position(conn)) if r.source]
+                inbox += len(unmoved)
+                if unmoved and (oldest is None or unmoved[0].received_at < oldest):
+                    oldest = unmoved[0].received_at
             return OutboxStats(pending=pending, oldest_pending_created_at=oldest,
                                by_state=by_state, held_recipients=held,
                                inbox=inbox - inbox_failed, inbox_failed=inbox_failed)
@@ -547,6 +749,36 @@ def _prune_keys(conn: sqlite3.Connection, table: str, before: float, limit: int)
         f"DELETE FROM {table} WHERE dedup_key IN (SELECT dedup_key FROM {table} WHERE received_at<? LIMIT ?)",
         (before, limit),
     ).rowcount
+
+
+def _short(key: str) -> bytes | str:
+    """A dedup key as the web process remembers it: 16 bytes of its SHA-256 hex digest (a third
+    of the memory of the string; 128 bits of a hash never collide in practice); a key that is
+    no hex digest (tests) as it is."""
+    try:
+        return bytes.fromhex(key[:32]) if len(key) >= 32 else key
+    except ValueError:
+        return key
+
+
+def _position(conn: sqlite3.Connection) -> tuple[int, int]:
+    row = conn.execute("SELECT segment, offset FROM journal_pos WHERE id=1").fetchone()
+    return (row[0], row[1]) if row else (0, 0)
+
+
+def _unmoved(base: str, position: tuple[int, int]) -> list[journal.Record]:
+    """The journal's records after ``position``."""
+    out: list[journal.Record] = []
+    for number in journal.segments(base):
+        if number < position[0]:
+            continue
+        offset = position[1] if number == position[0] else 0
+        while True:
+            records, offset, _ = journal.read(base, number, offset)
+            if not records:
+                break
+            out += records
+    return out
 
 
 def _insert_inbox(conn: sqlite3.Connection, rows: Sequence[tuple[float, str, bytes, str]]) -> None:
