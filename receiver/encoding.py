@@ -103,9 +103,14 @@ def fit(text: str, max_parts: int) -> SmsText:
     at a character boundary and ended with an ellipsis ("..." in GSM-7, "…" in UCS-2)."""
     if max_parts < 1:
         raise ValueError("max_parts must be at least 1")
-    encoding, parts = count_parts(text)
-    if parts <= max_parts:
-        return SmsText(text, encoding, parts)
+    encoding = encoding_of(text)
+    # More units than max_parts can hold: too long, without packing the whole text into parts
+    # (a 10-alert text is thousands of characters, its packing most of fitting it)
+    room = _SINGLE[encoding] if max_parts == 1 else _PART[encoding] * max_parts
+    if units(text, encoding) <= room:
+        parts = _parts(text, encoding)
+        if parts <= max_parts:
+            return SmsText(text, encoding, parts)
     cut = _cut(text, max_parts, encoding)
     if encoding == "UCS-2":
         # Stopping before the first non-GSM character gives a GSM-7 text, which holds more per
