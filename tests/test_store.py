@@ -255,6 +255,24 @@ async def test_segments_rotate_and_planned_ones_are_deleted(tmp_path: Path, monk
         assert journal.segments(str(tmp_path / "outbox.journal")) == [journal.segments(str(tmp_path / "outbox.journal"))[-1]]
 
 
+async def test_a_backlog_in_the_journal_is_counted_and_searched_a_chunk_at_a_time(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(journal, "SEGMENT_BYTES", 1000)
+    read = journal.read
+    monkeypatch.setattr(journal, "read", lambda base, number, offset, max_bytes=0, max_records=None:
+                        read(base, number, offset, 400, max_records))  # a few records per read
+    async with opened(tmp_path / "outbox.db") as s:
+        for i in range(20):
+            plan = f'[{{"id": "m{i:04d}"}}]'
+            assert await s.receive(key(i), "alertmanager", 1000.0 + i, 60.0, b"x" * 100, plan)
+        await s._journal.append(journal.PROBE)  # a readiness probe is no webhook
+        assert len(journal.segments(str(tmp_path / "outbox.journal"))) >= 3
+        stats = await s.stats()
+        assert (stats.inbox, stats.oldest_pending_created_at) == (20, 1000.0)
+        found = await s.received("m0017")
+        assert found is not None and (found.received_at, found.source) == (1017.0, "alertmanager")
+        assert await s.received("m9999") is None
+
+
 async def test_a_replay_the_web_process_forgot_is_dropped_when_planned(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(sqlite_store, "KEYS_IN_MEMORY", 4)  # the web process remembers few keys
     async with opened(tmp_path / "outbox.db") as s:

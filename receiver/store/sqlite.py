@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -358,14 +358,15 @@ class SQLiteStore:
             try:
                 rows, position = await self._read(q)
                 unmoved = await asyncio.get_running_loop().run_in_executor(
-                    self._reader, _unmoved, writer.base, position)
+                    self._reader, lambda: [(_short(r.key), r.received_at)
+                                           for r in _unmoved(writer.base, position)])
             except BaseException:
                 await writer.close()
                 raise
             self._keys = {_short(k): at for k, at in rows}
-            for r in filter(lambda r: r.source, unmoved):
-                self._keys.pop(_short(r.key), None)
-                self._keys[_short(r.key)] = r.received_at
+            for short, at in unmoved:
+                self._keys.pop(short, None)
+                self._keys[short] = at
             self._journal = writer
 
     async def unplanned(self, limit: int) -> Unplanned:
@@ -468,11 +469,10 @@ class SQLiteStore:
             return found
         # answered, not yet moved into the inbox: in the journal after the worker's position
         position = await self._read(lambda conn: _position(conn))
-        unmoved = await asyncio.get_running_loop().run_in_executor(
-            self._reader, _unmoved, self.journal_base, position)
-        needle = f'"{message_id}"'
-        return next((Received(0, r.received_at, r.source, r.body, r.plan) for r in unmoved
-                     if r.source and needle in r.plan), None)
+        needle, base = f'"{message_id}"', self.journal_base
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, lambda: next((Received(0, r.received_at, r.source, r.body, r.plan)
+                                        for r in _unmoved(base, position) if needle in r.plan), None))
 
     async def planned(self, done: Sequence[tuple[int, Sequence[NewMessage], float]],
                       failed: Sequence[tuple[int, str]] = ()) -> None:
@@ -699,10 +699,10 @@ class SQLiteStore:
             if inbox_oldest is not None and (oldest is None or inbox_oldest < oldest):
                 oldest = inbox_oldest  # waiting to be planned is waiting too
             if self.journal_base is not None:  # answered, not yet moved into the inbox
-                unmoved = [r for r in _unmoved(self.journal_base, _position(conn)) if r.source]
-                inbox += len(unmoved)
-                if unmoved and (oldest is None or unmoved[0].received_at < oldest):
-                    oldest = unmoved[0].received_at
+                unmoved, first = _unmoved_count(self.journal_base, _position(conn))
+                inbox += unmoved
+                if first is not None and (oldest is None or first < oldest):
+                    oldest = first
             return OutboxStats(pending=pending, oldest_pending_created_at=oldest,
                                by_state=by_state, held_recipients=held,
                                inbox=inbox - inbox_failed, inbox_failed=inbox_failed)
@@ -766,9 +766,9 @@ def _position(conn: sqlite3.Connection) -> tuple[int, int]:
     return (row[0], row[1]) if row else (0, 0)
 
 
-def _unmoved(base: str, position: tuple[int, int]) -> list[journal.Record]:
-    """The journal's records after ``position``."""
-    out: list[journal.Record] = []
+def _unmoved(base: str, position: tuple[int, int]) -> Iterator[journal.Record]:
+    """The journal's webhook records after ``position``, read a few MB at a time: a planner
+    far behind leaves tens of MB there, and a /metrics scrape must not hold them all at once."""
     for number in journal.segments(base):
         if number < position[0]:
             continue
@@ -777,8 +777,17 @@ def _unmoved(base: str, position: tuple[int, int]) -> list[journal.Record]:
             records, offset, _ = journal.read(base, number, offset)
             if not records:
                 break
-            out += records
-    return out
+            yield from (r for r in records if r.source)  # no source: a readiness probe
+
+
+def _unmoved_count(base: str, position: tuple[int, int]) -> tuple[int, float | None]:
+    """How many webhook records wait after ``position``, and when the first was received."""
+    count, first = 0, None
+    for r in _unmoved(base, position):
+        if first is None:
+            first = r.received_at
+        count += 1
+    return count, first
 
 
 def _insert_inbox(conn: sqlite3.Connection, rows: Sequence[tuple[float, str, bytes, str]]) -> None:
