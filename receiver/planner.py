@@ -103,9 +103,11 @@ class Planner:
             return 0
         self.last_error = None
         for row_id, (notification, plan) in plans.items():
-            if row_id in replays:  # older than the web process remembered: the inbox knew it
+            if row_id in replays:  # older than the web process remembered: the outbox knew it
                 log.info("replayed %s notification dropped: group_key=%r", notification.source,
                          notification.group_key)
+                for d in plan.routing.deliveries:  # what the web process counts for a replay it knew
+                    self._metrics.child(self._metrics.sms_deduplicated, d.group_id).inc()
                 continue
             self._metrics.count_planned(plan.messages)
             _count_unrouted(self._metrics, notification, plan.routing)

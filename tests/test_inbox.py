@@ -115,6 +115,32 @@ async def test_the_planner_counts_what_reached_no_group(start_receiver, http):
     assert metric_line(text, "sms_receiver_inbox_notifications ") == "sms_receiver_inbox_notifications 0.0"
 
 
+async def test_a_replay_the_web_process_forgot_is_dropped_by_the_planner_and_counted(
+        start_receiver, http, monkeypatch):
+    from receiver.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "KEYS_IN_MEMORY", 4)  # the web process remembers few keys
+    s = await start_receiver(settle=False, run_planner=False, run_dispatcher=False)
+    first = json.loads(FIRING)
+    async with http.post(f"{s.url}/webhook/alertmanager", json=first) as r:
+        accepted = await r.json()
+    for i in range(8):  # enough others that the web process forgets the first
+        other = json.loads(FIRING)
+        other["groupKey"] = f"other-{i}"
+        async with http.post(f"{s.url}/webhook/alertmanager", json=other) as r:
+            assert (await r.json())["status"] == "accepted"
+    await s.receiver.planner.drain()
+    async with http.post(f"{s.url}/webhook/alertmanager", json=first) as r:
+        assert (await r.json())["status"] == "accepted"  # forgotten here: the planner knows it
+    await s.receiver.planner.drain()
+    (mid,) = await planned(http, s.url, accepted)
+    async with http.get(f"{s.url}/api/v1/messages?limit=100") as r:
+        assert len((await r.json())["messages"]) == 9  # the replay added nothing
+    async with http.get(f"{s.url}/metrics") as r:
+        text = await r.text()
+    assert 'sms_receiver_sms_deduplicated_total{group="web"} 1.0' in text
+
+
 def test_merged_metrics_add_counters_and_keep_the_setters_gauges():
     web, worker = Metrics(), Metrics()
     web.webhooks.labels("alertmanager", "accepted").inc(3)

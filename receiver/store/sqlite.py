@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -179,7 +180,10 @@ def journal_base(path: str) -> str | None:
     return None if path == ":memory:" else str(Path(path).with_suffix(".journal"))
 
 
-KEYS_IN_MEMORY = 100_000  # dedup keys the web process answers from (~10 MB); the worker checks all
+# Dedup keys the web process answers replays from (~170 bytes each, with the dict and its
+# rebuilds): Alertmanager's retries and HA peers replay within seconds to a minute. Older
+# replays are answered "accepted" and dropped by the planner, which checks every key.
+KEYS_IN_MEMORY = 25_000
 
 
 class SQLiteStore:
@@ -334,7 +338,7 @@ class SQLiteStore:
             # rebuilt rather than trimmed at the front (deleting a dict's first entries one by
             # one makes finding the next one slower each time): the newest half, in the window
             self._keys_added = 0
-            kept = list(keys.items())[-(KEYS_IN_MEMORY // 2):]
+            kept = itertools.islice(keys.items(), max(0, len(keys) - KEYS_IN_MEMORY // 2), None)
             self._keys = {k: at for k, at in kept if now - at < window}
 
     async def _open_journal(self, since: float) -> None:
