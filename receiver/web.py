@@ -128,8 +128,11 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
         wire = validate_webhook(body, source)  # routing and rendering wait for the planner
     except InvalidPayload as exc:
         return done("invalid", _error(exc.status, exc.reason), reason=repr(exc.reason))
-    for alert in wire.alerts:
-        m.child(m.alerts, source, alert.status).inc()
+    firing = sum(a.status == "firing" for a in wire.alerts)  # two increments, not one per alert
+    if firing:
+        m.child(m.alerts, source, "firing").inc(firing)
+    if firing < len(wire.alerts):
+        m.child(m.alerts, source, "resolved").inc(len(wire.alerts) - firing)
 
     now = r.clock.now()
     nid = new_message_id(now)

@@ -157,6 +157,7 @@ class JournalWriter:
         self._size = 0
         self._queue: list[_Write] = []
         self._timer: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the appenders' loop (open's)
         self._lock = threading.Lock()  # guards the four below, shared with the sync thread
         self._unsynced: list[list[_Write]] = []
         self._syncing = False
@@ -180,8 +181,9 @@ class JournalWriter:
                 Path(self.base).parent.mkdir(parents=True, exist_ok=True)
                 self._new_segment(1)
 
+        self._loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, setup)
+            await self._loop.run_in_executor(self._thread, setup)
         except OSError as exc:
             raise StoreError(f"cannot open the journal {self.base!r}: {exc}") from exc
 
@@ -210,16 +212,22 @@ class JournalWriter:
 
     async def append(self, record: bytes) -> None:
         """Append ``record``; return once it is durable, or raise :class:`StoreError`."""
+        await self.submit(record)
+
+    def submit(self, record: bytes) -> asyncio.Future[None]:
+        """Queue ``record`` for the next group write: a future done once it is durable, or
+        failed with :class:`StoreError` (raised at once when the journal cannot take writes)."""
         if self._fd < 0:
             raise StoreError("the journal is not open")
         if self._broken is not None:
             raise StoreError(f"journal unusable after a failed sync: {self._broken}")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         future: asyncio.Future[None] = loop.create_future()
         self._queue.append(_Write(record, future))
         if self._timer is None:  # appends until the loop comes round join this write
             self._timer = loop.call_soon(self._flush)
-        await future
+        return future
 
     def _flush(self) -> None:
         """In the loop: write what is queued, then have the thread sync it."""
@@ -243,7 +251,7 @@ class JournalWriter:
             self._unsynced.append(batch)
             start, self._syncing = not self._syncing, True
         if start:
-            self._thread.submit(self._sync_all, asyncio.get_running_loop())
+            self._thread.submit(self._sync_all, self._loop)
 
     def _rotate(self) -> None:
         # The old segment's pending writes are synced here, before the switch: the thread's

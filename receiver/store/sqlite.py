@@ -310,21 +310,17 @@ class SQLiteStore:
         before = self._keys.get(short)
         if before is not None and now - before < window:
             return False
+        written = self._journal.submit(journal.encode(now, window, source, key, plan, body))
         self._remember(short, now, window)
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._key_writes[short] = written
+        self._key_writes[short] = written  # a twin waits for it (shielded: its cancel is not ours)
         try:
-            await self._journal.append(journal.encode(now, window, source, key, plan, body))
-        except StoreError as exc:
+            await written
+        except StoreError:
             if before is None:
                 self._keys.pop(short, None)
             else:
                 self._keys[short] = before
-            written.set_exception(exc)
-            written.exception()  # retrieved: a twin may not be waiting
             raise
-        else:
-            written.set_result(None)
         finally:
             del self._key_writes[short]
         return True
