@@ -14,6 +14,7 @@ import logging
 import random
 from pathlib import Path
 
+from receiver import gc_tuning
 from receiver.clickatell import ClickatellClient, ClickatellError
 from receiver.clock import Clock, SystemClock
 from receiver.config import Config, ConfigError, config_warnings, load_config
@@ -235,6 +236,7 @@ class Receiver:
                 task.add_done_callback(lambda t: self._retired.pop(t, None))
             self._init_metrics(new)
             self._reloaded(True)
+            gc_tuning.after_reload()
             for warning in config_warnings(new):
                 log.warning("%s", warning)
             if self.worker is not None:

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from receiver import __version__
+from receiver import __version__, gc_tuning
 from receiver.config import (
     Config,
     ConfigError,
@@ -65,6 +65,7 @@ async def _serve(cfg: Config, config_path: Path, listen: str, log_format: str,
     await runner.setup()
     host, port = split_listen(listen)
     await web.TCPSite(runner, host, port, backlog=1024).start()
+    gc_tuning.settle()
     log.info("sms-receiver %s listening on http://%s (storage %s)", __version__, listen,
              cfg.storage.split("?")[0] if cfg.storage.startswith("sqlite") else "postgresql")
 

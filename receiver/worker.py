@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from receiver import gc_tuning
+
 if TYPE_CHECKING:
     from receiver.app import Receiver
 
@@ -227,6 +229,7 @@ async def serve_worker(receiver: Receiver, socket: Path, wake_fd: int) -> None:
     runner = web.AppRunner(_control_app(receiver), access_log=None, handle_signals=False)
     await runner.setup()
     await web.UnixSite(runner, str(socket)).start()
+    gc_tuning.settle()
     try:
         await stop.wait()
     finally:

@@ -78,3 +78,28 @@ def test_render_tells_which_paging_policy_applies(tmp_path: Path):
     assert out["throttle"].startswith("at most 1 per 1m, 5 per 15m, 11 per 1h, 21 per 3h")
     r = cli("render", "--config", "config.yaml", "--payload", payload, "--now", "2026-11-22T20:40:00Z")
     assert "policy: immediate; then per number: at most 1 per 1m" in r.stdout
+
+
+def test_a_settled_process_freezes_its_start_up_heap_and_a_reload_lets_the_old_config_go():
+    # in a child process: freezing is process-wide
+    code = """
+import gc
+from receiver import gc_tuning
+gc_tuning.after_reload()  # never settled: leaves the collector alone
+assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] == 700
+gc_tuning.settle()
+frozen = gc.get_freeze_count()
+assert frozen > 1000 and gc.get_threshold()[0] == gc_tuning.YOUNG_THRESHOLD
+class Config: pass
+old = Config(); old.me = old  # a reference cycle, as an old config's objects may hold
+gc.freeze()  # as if it had been there at start-up
+import weakref
+gone = weakref.ref(old)
+del old
+gc_tuning.after_reload()
+assert gone() is None, "the old config's cycle is collected after a reload"
+assert gc.get_freeze_count() > 0
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
