@@ -260,6 +260,9 @@ async def test_a_backlog_in_the_journal_is_counted_and_searched_a_chunk_at_a_tim
     read = journal.read
     monkeypatch.setattr(journal, "read", lambda base, number, offset, max_bytes=0, max_records=None:
                         read(base, number, offset, 400, max_records))  # a few records per read
+    times = journal.webhook_times
+    monkeypatch.setattr(journal, "webhook_times", lambda base, number, offset, max_bytes=0:
+                        times(base, number, offset, 400))
     async with opened(tmp_path / "outbox.db") as s:
         for i in range(20):
             plan = f'[{{"id": "m{i:04d}"}}]'

@@ -55,18 +55,28 @@ def encode(received_at: float, window: float, source: str, key: str, plan: str, 
 PROBE = encode(0.0, 0.0, "", "", "", b"")  # no webhook (no source): readiness tries a write
 
 
-def decode(data: bytes | memoryview, at: int) -> tuple[Record, int] | None:
-    """The record at offset ``at`` and the offset after it; None for a torn or missing one."""
+def _frame(data: bytes | memoryview, at: int) -> tuple[int, int, tuple[float, float, int, int, int]] | None:
+    """Where the whole record at ``at`` starts and ends, and its fixed fields; None for a torn
+    or missing one (a zero length: the unwritten end of a file)."""
     if len(data) - at < _HEAD.size:
         return None
     length, crc = _HEAD.unpack_from(data, at)
     start, end = at + _HEAD.size, at + _HEAD.size + length
     if end > len(data) or length < _META.size or zlib.crc32(data[start:end]) != crc:
         return None
-    received_at, window, ls, lk, lp = _META.unpack_from(data, start)
-    i = start + _META.size
-    if i + ls + lk + lp > end:
+    meta = _META.unpack_from(data, start)
+    if start + _META.size + meta[2] + meta[3] + meta[4] > end:
         return None
+    return start, end, meta
+
+
+def decode(data: bytes | memoryview, at: int) -> tuple[Record, int] | None:
+    """The record at offset ``at`` and the offset after it; None for a torn or missing one."""
+    framed = _frame(data, at)
+    if framed is None:
+        return None
+    start, end, (received_at, window, ls, lk, lp) = framed
+    i = start + _META.size
     source = bytes(data[i:i + ls]).decode()
     key = bytes(data[i + ls:i + ls + lk]).decode()
     plan = bytes(data[i + ls + lk:i + ls + lk + lp]).decode()
@@ -113,6 +123,30 @@ def read(base: str, number: int, offset: int, max_bytes: int = 4 << 20,
         out.append(got[0])
         at = got[1]
     return out, offset + at, size
+
+
+def webhook_times(base: str, number: int, offset: int,
+                  max_bytes: int = 1 << 20) -> tuple[list[float], int]:
+    """When each webhook record of segment ``number`` from ``offset`` was received (about
+    ``max_bytes`` of records; readiness probes left out), and the offset after the last record
+    read: counts a backlog without holding its bodies."""
+    try:
+        with open(segment_path(base, number), "rb") as f:
+            f.seek(offset)
+            data = memoryview(f.read(max_bytes))
+            if len(data) >= _HEAD.size:  # a first record longer than max_bytes: read it whole
+                need = _HEAD.size + _HEAD.unpack_from(data, 0)[0]
+                if len(data) < need:
+                    data = memoryview(bytes(data) + f.read(need - len(data)))
+    except FileNotFoundError:
+        return [], offset
+    times: list[float] = []
+    at = 0
+    while (framed := _frame(data, at)) is not None:
+        _, at, (received_at, _window, source_length, _, _) = framed
+        if source_length:
+            times.append(received_at)
+    return times, offset + at
 
 
 def _valid_end(path: str) -> int:

@@ -781,12 +781,21 @@ def _unmoved(base: str, position: tuple[int, int]) -> Iterator[journal.Record]:
 
 
 def _unmoved_count(base: str, position: tuple[int, int]) -> tuple[int, float | None]:
-    """How many webhook records wait after ``position``, and when the first was received."""
+    """How many webhook records wait after ``position``, and when the first was received
+    (their headers only: a /metrics scrape in a storm must not load the bodies)."""
     count, first = 0, None
-    for r in _unmoved(base, position):
-        if first is None:
-            first = r.received_at
-        count += 1
+    for number in journal.segments(base):
+        if number < position[0]:
+            continue
+        offset = position[1] if number == position[0] else 0
+        while True:
+            times, after = journal.webhook_times(base, number, offset)
+            if after == offset:
+                break
+            offset = after
+            if first is None and times:
+                first = times[0]
+            count += len(times)
     return count, first
 
 
