@@ -59,6 +59,7 @@ class Broken(Exception):
 class Plan:
     smoke: bool
     throughput_s: float  # per closed-loop load (wrk: whole seconds, at least 1)
+    connections: tuple[int, ...]  # closed-loop loads at each: a server's throughput is its best
     latency_s: float  # per fixed rate
     latency_rates: tuple[int, ...]
     e2e_rate: int
@@ -73,8 +74,9 @@ class Plan:
     @classmethod
     def make(cls, smoke: bool) -> Plan:
         if smoke:
-            return cls(True, 0.5, 0.5, (100, 1000), 200, 0.5, 100, 1_000, (1_000, 10_000), 200, 0.5, 0.2)
-        return cls(False, 5.0, 5.0, (100, 1000), 200, 5.0, 2_000, 100_000, (10_000, 1_000_000), 200, 3.0, 1.0)
+            return cls(True, 0.5, (128, 32), 0.5, (100, 1000), 200, 0.5, 100, 1_000, (1_000, 10_000), 200, 0.5, 0.2)
+        return cls(False, 5.0, (256, 128, 64, 32), 5.0, (100, 1000), 200, 5.0, 2_000, 100_000,
+                   (10_000, 1_000_000), 200, 3.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,36 +514,58 @@ class Bench:
 
     def accept(self) -> None:
         p, rep = self.plan, self.report
-        ceiling: dict[int, Load] = {}
+        ceiling: dict[int, dict[int, Load]] = {1: {}, 10: {}}  # alerts -> connections -> load
         port = free_port()
         bare = Proc("bare.py", [PYTHON, str(BENCH / "bare.py"), str(port)], self.work / "bare.log")
         bare_url = f"http://127.0.0.1:{port}{WEBHOOK}"
         try:
             wait_until("bare.py", lambda: http("POST", bare_url, b"{}", timeout=1)[0] == 200, 30, bare)
             for alerts in (1, 10):
-                ceiling[alerts] = self.load.closed(bare_url, alerts, p.throughput_s)
-                check_errors(ceiling[alerts])
+                for c in p.connections:
+                    ceiling[alerts][c] = load = self.load.closed(bare_url, alerts, p.throughput_s, c)
+                    check_errors(load)
         finally:
             bare.stop()
 
         assert self.fake is not None
         self.fake.reset(delay=CLICKATELL_DELAY)
-        for alerts in (1, 10):  # a fresh receiver each: no row plans the one before's backlog
-            with self.receiver(f"accept-{alerts}") as r:
-                url = r.url + WEBHOOK
-                load = self.load.closed(url, alerts, p.throughput_s)
-                ratio = load.rate / ceiling[alerts].rate * 100
-                rep.phases[f"throughput_{alerts}"] = {"receiver": asdict(load), "ceiling": asdict(ceiling[alerts])}
-                rep.row(Row(
-                    f"accept throughput, {alerts} alert{'s' if alerts > 1 else ''}/webhook ({load.tool}, -c32)",
-                    f"{load.rate:,.0f}/s = {ratio:.0f} % of ceiling {ceiling[alerts].rate:,.0f}/s; "
-                    f"{load.errors} errors",
-                    "≥ 50 %, 0 errors", ratio >= 50 and load.errors == 0,
-                    {"rate": load.rate, "ceiling": ceiling[alerts].rate, "ratio_pct": ratio, "errors": load.errors},
-                ))
-                check_errors(load)
-                if alerts == 10:  # the latency rows: on this receiver, planning that backlog
-                    self._latency_rows(url)
+        for alerts in (1, 10):
+            got: dict[int, Load] = {}
+            for c in p.connections:  # a fresh receiver each: no load plans the one before's backlog
+                r = self.receiver(f"accept-{alerts}-c{c}")
+                try:
+                    got[c] = self.load.closed(r.url + WEBHOOK, alerts, p.throughput_s, c)
+                    check_errors(got[c])
+                    if c == p.connections[-1]:
+                        self._throughput_row(alerts, got, ceiling[alerts])
+                        if alerts == 10:  # the latency rows: on this receiver, planning its backlog
+                            self._latency_rows(r.url + WEBHOOK)
+                finally:
+                    r.stop()
+
+    def _throughput_row(self, alerts: int, got: dict[int, Load], ceiling: dict[int, Load]) -> None:
+        """Best rate against best rate: a durable receiver answers after an fdatasync, so at
+        few connections it waits on the disk with CPU to spare; the ceiling never does."""
+        best = max(got, key=lambda c: got[c].rate)
+        best_ceiling = max(ceiling, key=lambda c: ceiling[c].rate)
+        ratio = got[best].rate / ceiling[best_ceiling].rate * 100
+        at = {c: got[c].rate / ceiling[c].rate * 100 for c in got}
+        errors = sum(load.errors for load in got.values())
+        self.report.phases[f"throughput_{alerts}"] = {
+            "receiver": {c: asdict(load) for c, load in got.items()},
+            "ceiling": {c: asdict(load) for c, load in ceiling.items()},
+        }
+        each = ", ".join(f"c{c} {at[c]:.0f} %" for c in sorted(at))
+        self.report.row(Row(
+            f"accept throughput, {alerts} alert{'s' if alerts > 1 else ''}/webhook "
+            f"({got[best].tool}, best of {min(got)}–{max(got)} connections)",
+            f"{got[best].rate:,.0f}/s (c{best}) = {ratio:.0f} % of ceiling {ceiling[best_ceiling].rate:,.0f}/s "
+            f"(c{best_ceiling}); same connections: {each}; {errors} errors",
+            "≥ 50 %, 0 errors", ratio >= 50 and errors == 0,
+            {"rate": got[best].rate, "connections": best, "ceiling": ceiling[best_ceiling].rate,
+             "ceiling_connections": best_ceiling, "ratio_pct": ratio, "errors": errors,
+             "ratio_pct_at": at},
+        ))
 
     def _latency_rows(self, url: str) -> None:
         p, rep = self.plan, self.report
