@@ -99,6 +99,23 @@ def segments(base: str) -> list[int]:
     return sorted(out)
 
 
+def _chunk(base: str, number: int, offset: int, max_bytes: int) -> tuple[bytes, int] | None:
+    """About ``max_bytes`` of segment ``number`` from ``offset`` (all of a first record that is
+    longer) and the segment's size when the read began; None for a missing segment."""
+    try:
+        with open(segment_path(base, number), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            data = f.read(max_bytes)
+            if len(data) >= _HEAD.size:
+                need = _HEAD.size + _HEAD.unpack_from(data, 0)[0]
+                if len(data) < need <= size - offset:
+                    data += f.read(need - len(data))
+    except FileNotFoundError:
+        return None
+    return data, size
+
+
 def read(base: str, number: int, offset: int, max_bytes: int = 4 << 20,
          max_records: int | None = None) -> tuple[list[Record], int, int]:
     """Whole records of segment ``number`` from ``offset`` (about ``max_bytes`` of them, at
@@ -106,17 +123,10 @@ def read(base: str, number: int, offset: int, max_bytes: int = 4 << 20,
     records, the offset after the last, and the segment's size when the read began (bytes past
     the offset that make no record are a write in progress, or a torn one if the segment is
     closed). A missing segment reads as empty."""
-    try:
-        with open(segment_path(base, number), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(offset)
-            data = f.read(max_bytes)
-            if len(data) >= _HEAD.size:  # a first record longer than max_bytes: read it whole
-                need = _HEAD.size + _HEAD.unpack_from(data, 0)[0]
-                if len(data) < need <= size - offset:
-                    data += f.read(need - len(data))
-    except FileNotFoundError:
+    chunk = _chunk(base, number, offset, max_bytes)
+    if chunk is None:
         return [], offset, 0
+    data, size = chunk
     out: list[Record] = []
     at = 0
     while (max_records is None or len(out) < max_records) and (got := decode(data, at)) is not None:
@@ -130,16 +140,10 @@ def webhook_times(base: str, number: int, offset: int,
     """When each webhook record of segment ``number`` from ``offset`` was received (about
     ``max_bytes`` of records; readiness probes left out), and the offset after the last record
     read: counts a backlog without holding its bodies."""
-    try:
-        with open(segment_path(base, number), "rb") as f:
-            f.seek(offset)
-            data = memoryview(f.read(max_bytes))
-            if len(data) >= _HEAD.size:  # a first record longer than max_bytes: read it whole
-                need = _HEAD.size + _HEAD.unpack_from(data, 0)[0]
-                if len(data) < need:
-                    data = memoryview(bytes(data) + f.read(need - len(data)))
-    except FileNotFoundError:
+    chunk = _chunk(base, number, offset, max_bytes)
+    if chunk is None:
         return [], offset
+    data = memoryview(chunk[0])
     times: list[float] = []
     at = 0
     while (framed := _frame(data, at)) is not None:
