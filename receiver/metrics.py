@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +29,9 @@ from receiver import __version__
 from receiver.models import NewMessage
 from receiver.paging import hold_kind
 from receiver.store import MESSAGE_STATES
+
+if TYPE_CHECKING:
+    from receiver.routing import RoutingResult
 
 log = logging.getLogger("sms_receiver")
 
@@ -273,6 +276,12 @@ class Metrics:
                                   self.held_recipients, self.inbox, self.build)
                for fam in m.describe()}
         return generate_latest(_Families([f for f in self.registry.collect() if f.name not in own]))  # type: ignore[arg-type]
+
+    def count_replay(self, routing: RoutingResult) -> None:
+        """A replayed notification: count the message each of its groups did not get again
+        (whichever process caught it: the web process from its recent keys, or the planner)."""
+        for d in routing.deliveries:
+            self.child(self.sms_deduplicated, d.group_id).inc()
 
     def count_planned(self, messages: Iterable[NewMessage]) -> None:
         """Count each new message (routed to its group and level) and what planning decided

@@ -106,8 +106,7 @@ class Planner:
             if row_id in replays:  # older than the web process remembered: the outbox knew it
                 log.info("replayed %s notification dropped: group_key=%r", notification.source,
                          notification.group_key)
-                for d in plan.routing.deliveries:  # what the web process counts for a replay it knew
-                    self._metrics.child(self._metrics.sms_deduplicated, d.group_id).inc()
+                self._metrics.count_replay(plan.routing)
                 continue
             self._metrics.count_planned(plan.messages)
             _count_unrouted(self._metrics, notification, plan.routing)

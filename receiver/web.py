@@ -148,8 +148,7 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
                 "notification": nid if fresh else "-"}
 
     if not fresh:  # rare: routed here only to count what the replay would have sent
-        for d in route(notification_of(wire, source), cfg).deliveries:
-            m.child(m.sms_deduplicated, d.group_id).inc()
+        m.count_replay(route(notification_of(wire, source), cfg))
         return done("duplicate", web.Response(body=b'{"status":"duplicate"}', headers=_JSON), about)
     r.wake_planner()
     # written out rather than json.dumps'd (the id is hex): json_response costs ~9 µs
