@@ -57,7 +57,7 @@ PROBE = encode(0.0, 0.0, "", "", "", b"")  # no webhook (no source): readiness t
 
 def _frame(data: bytes | memoryview, at: int) -> tuple[int, int, tuple[float, float, int, int, int]] | None:
     """Where the whole record at ``at`` starts and ends, and its fixed fields; None for a torn
-    or missing one (a zero length: the unwritten end of a file)."""
+    or missing one."""
     if len(data) - at < _HEAD.size:
         return None
     length, crc = _HEAD.unpack_from(data, at)

@@ -766,13 +766,17 @@ def _position(conn: sqlite3.Connection) -> tuple[int, int]:
     return (row[0], row[1]) if row else (0, 0)
 
 
+def _segments_after(base: str, position: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """Each journal segment at or after ``position``, with the offset to read it from."""
+    for number in journal.segments(base):
+        if number >= position[0]:
+            yield number, position[1] if number == position[0] else 0
+
+
 def _unmoved(base: str, position: tuple[int, int]) -> Iterator[journal.Record]:
     """The journal's webhook records after ``position``, read a few MB at a time: a planner
     far behind leaves tens of MB there, and a /metrics scrape must not hold them all at once."""
-    for number in journal.segments(base):
-        if number < position[0]:
-            continue
-        offset = position[1] if number == position[0] else 0
+    for number, offset in _segments_after(base, position):
         while True:
             records, offset, _ = journal.read(base, number, offset)
             if not records:
@@ -784,10 +788,7 @@ def _unmoved_count(base: str, position: tuple[int, int]) -> tuple[int, float | N
     """How many webhook records wait after ``position``, and when the first was received
     (their headers only: a /metrics scrape in a storm must not load the bodies)."""
     count, first = 0, None
-    for number in journal.segments(base):
-        if number < position[0]:
-            continue
-        offset = position[1] if number == position[0] else 0
+    for number, offset in _segments_after(base, position):
         while True:
             times, after = journal.webhook_times(base, number, offset)
             if after == offset:
