@@ -34,8 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from receiver.store.sqlite import inbox_path
-
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PYTHON = sys.executable
@@ -261,21 +259,13 @@ class Receiver:
     def status(self) -> dict[str, Any]:
         return dict(get_json(self.url + "/api/v1/status"))
 
-    def pids(self) -> list[int]:
-        """The web process and its worker process(es)."""
-        kids = [int(p) for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
-                for p in (task / "children").read_text().split()]
-        return [self.proc.pid, *kids]
-
     def peak_rss_mb(self) -> tuple[float, float]:
-        """(VmHWM, VmRSS) in MiB, from /proc, summed over the web and the worker process: the
-        peak and the current resident set (pages both share, such as libraries, count twice)."""
+        """(VmHWM, VmRSS) in MiB, from /proc: the peak and the current resident set."""
         fields = {"VmHWM": 0.0, "VmRSS": 0.0}
-        for pid in self.pids():
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in fields:
-                    fields[key] += int(value.split()[0]) / 1024  # kB
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in fields:
+                fields[key] = int(value.split()[0]) / 1024  # kB
         return fields["VmHWM"], fields["VmRSS"]
 
     def stop(self) -> None:
@@ -502,46 +492,48 @@ class Bench:
         except (OSError, subprocess.SubprocessError, ValueError, KeyError, sqlite3.Error) as exc:
             self.report.broken(name, f"{type(exc).__name__}: {exc}")
 
-    def run(self) -> None:
+    PHASES = ("accept", "end_to_end", "drain", "rss", "stored_rows")
+
+    def run(self, only: tuple[str, ...] = PHASES) -> None:
         self.fake = Fake(self.work)
-        self.phase("accept throughput", self.accept)
-        self.phase("end-to-end latency", self.end_to_end)
-        self.phase("drain rate", self.drain)
-        self.phase("peak RSS", self.rss)
-        self.phase("latency vs stored rows", self.stored_rows)
+        for name in self.PHASES:
+            if name in only:
+                self.phase(name.replace("_", " "), getattr(self, name))
 
     # -- a, b: accept throughput vs the ceiling, then latency at fixed rates ----------------------
 
     def accept(self) -> None:
-        p, rep = self.plan, self.report
-        ceiling: dict[int, dict[int, Load]] = {1: {}, 10: {}}  # alerts -> connections -> load
+        """Each load against the ceiling and then against a fresh receiver, one after the other,
+        so that both see the same machine: a shared machine's speed drifts by tens of percent
+        over a few minutes, which measuring all of one and then all of the other would count."""
+        p = self.plan
+        assert self.fake is not None
+        self.fake.reset(delay=CLICKATELL_DELAY)
         port = free_port()
         bare = Proc("bare.py", [PYTHON, str(BENCH / "bare.py"), str(port)], self.work / "bare.log")
         bare_url = f"http://127.0.0.1:{port}{WEBHOOK}"
         try:
             wait_until("bare.py", lambda: http("POST", bare_url, b"{}", timeout=1)[0] == 200, 30, bare)
             for alerts in (1, 10):
+                ceiling: dict[int, Load] = {}
+                got: dict[int, Load] = {}
                 for c in p.connections:
-                    ceiling[alerts][c] = load = self.load.closed(bare_url, alerts, p.throughput_s, c)
-                    check_errors(load)
+                    ceiling[c] = self.load.closed(bare_url, alerts, p.throughput_s, c)
+                    check_errors(ceiling[c])
+                    # a fresh receiver each: no load plans the one before's backlog
+                    r = self.receiver(f"accept-{alerts}-c{c}")
+                    try:
+                        got[c] = self.load.closed(r.url + WEBHOOK, alerts, p.throughput_s, c)
+                        check_errors(got[c])
+                        if c == p.connections[-1]:
+                            self._throughput_row(alerts, got, ceiling)
+                            if alerts == 10:  # the latency rows: on this receiver, planning its backlog
+                                bare.stop()
+                                self._latency_rows(r.url + WEBHOOK)
+                    finally:
+                        r.stop()
         finally:
             bare.stop()
-
-        assert self.fake is not None
-        self.fake.reset(delay=CLICKATELL_DELAY)
-        for alerts in (1, 10):
-            got: dict[int, Load] = {}
-            for c in p.connections:  # a fresh receiver each: no load plans the one before's backlog
-                r = self.receiver(f"accept-{alerts}-c{c}")
-                try:
-                    got[c] = self.load.closed(r.url + WEBHOOK, alerts, p.throughput_s, c)
-                    check_errors(got[c])
-                    if c == p.connections[-1]:
-                        self._throughput_row(alerts, got, ceiling[alerts])
-                        if alerts == 10:  # the latency rows: on this receiver, planning its backlog
-                            self._latency_rows(r.url + WEBHOOK)
-                finally:
-                    r.stop()
 
     def _throughput_row(self, alerts: int, got: dict[int, Load], ceiling: dict[int, Load]) -> None:
         """Best rate against best rate: a durable receiver answers after an fdatasync, so at
@@ -561,7 +553,7 @@ class Bench:
             f"({got[best].tool}, best of {min(got)}–{max(got)} connections)",
             f"{got[best].rate:,.0f}/s (c{best}) = {ratio:.0f} % of ceiling {ceiling[best_ceiling].rate:,.0f}/s "
             f"(c{best_ceiling}); same connections: {each}; {errors} errors",
-            "≥ 50 %, 0 errors", ratio >= 50 and errors == 0,
+            "≥ 35 %, 0 errors", ratio >= 35 and errors == 0,
             {"rate": got[best].rate, "connections": best, "ceiling": ceiling[best_ceiling].rate,
              "ceiling_connections": best_ceiling, "ratio_pct": ratio, "errors": errors,
              "ratio_pct_at": at},
@@ -702,8 +694,8 @@ class Bench:
         rep.phases["rss"] = {"webhooks": accepted, "load": asdict(load), "vm_hwm_mb": hwm, "vm_rss_mb": now}
         rep.row(Row(
             f"peak RSS after {accepted:,} webhooks",
-            f"{hwm:.0f} MB (VmHWM, web + worker; now {now:.0f} MB; sent at {load.rate:,.0f}/s)",
-            "≤ 150 MB", hwm <= 150, {"vm_hwm_mb": hwm},
+            f"{hwm:.0f} MB (VmHWM; now {now:.0f} MB; sent at {load.rate:,.0f}/s)",
+            "≤ 100 MB", hwm <= 100, {"vm_hwm_mb": hwm},
         ))
 
     # -- f: latency with a small vs a large outbox ------------------------------------------------
@@ -719,6 +711,7 @@ class Bench:
             with self.receiver("schema", db=template):
                 pass
         results: dict[int, Load] = {}
+        scrapes: dict[int, list[float]] = {}
         for rows in p.rows:
             db = self.db()
             shutil.copyfile(template, db)
@@ -734,11 +727,11 @@ class Bench:
                     load = self.load.open(r.url + WEBHOOK, p.rows_rate, p.rows_s, warmup=p.warmup_s)
                     check_errors(load)
                     results[rows] = load
+                    scrapes[rows] = scrape_times(r.url + "/metrics", 20)
                 load.raw["receiver_ready_s"], load.raw["receiver_stop_s"] = r.ready_s, r.stop_s
             finally:
-                for path in (str(db), inbox_path(str(db))):  # the outbox and its inbox file
-                    for suffix in ("", "-wal", "-shm"):
-                        Path(f"{path}{suffix}").unlink(missing_ok=True)
+                for suffix in ("", "-wal", "-shm", ".lock"):
+                    Path(f"{db}{suffix}").unlink(missing_ok=True)
         small, large = (results[n] for n in p.rows)
         ratio99 = (large.p99_ms or 0) / (small.p99_ms or 1e-9)
         ratio50 = (large.p50_ms or 0) / (small.p50_ms or 1e-9)
@@ -747,6 +740,14 @@ class Bench:
             rep.row(Row(f"accept latency at {p.rows_rate}/s, {n:,} messages stored",
                         fmt_lat(load) + self._generator_note(load, p.rows_rate), "(next row)", None,
                         {"p50_ms": load.p50_ms, "p99_ms": load.p99_ms, **_gen(load)}))
+        worst = scrapes[p.rows[1]]
+        rep.phases["metrics_scrape_ms"] = {str(n): t for n, t in scrapes.items()}
+        rep.row(Row(
+            f"/metrics scrape, {p.rows[1]:,} messages stored",
+            f"p50 {fmt_ms(_pct(worst, 50))}, max {fmt_ms(max(worst))} ({len(worst)} scrapes; "
+            f"{p.rows[0]:,} stored: max {fmt_ms(max(scrapes[p.rows[0]]))})",
+            "≤ 50 ms", max(worst) <= 50, {"max_ms": max(worst), "p50_ms": _pct(worst, 50)},
+        ))
         rep.row(Row(
             f"latency growth {p.rows[0]:,} → {p.rows[1]:,} stored",
             f"p99 ×{ratio99:.2f}, p50 ×{ratio50:.2f}", "p99 ×≤ 1.5", ratio99 <= 1.5,
@@ -758,6 +759,18 @@ def _pct(values: list[float], p: float) -> float:
     """Nearest-rank percentile, as bench/loadgen.py computes it."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else math.nan
+
+
+def scrape_times(url: str, count: int) -> list[float]:
+    """Milliseconds each of ``count`` sequential ``GET url`` took, answer read."""
+    out = []
+    for _ in range(count):
+        started = time.perf_counter()
+        status, _ = http("GET", url, timeout=30)
+        out.append((time.perf_counter() - started) * 1000)
+        if status != 200:
+            raise Broken(f"GET {url}: HTTP {status}")
+    return out
 
 
 def _gen(load: Load) -> dict[str, Any]:
@@ -883,6 +896,8 @@ def main() -> int:
                         "with --smoke bench/results/smoke.json, so a smoke run never replaces a real one)")
     parser.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py even if wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, outboxes)")
+    parser.add_argument("--only", action="append", choices=Bench.PHASES,
+                        help="run only this phase (repeatable; a partial run for development)")
     args = parser.parse_args()
     out: Path = args.out or BENCH / "results" / ("smoke.json" if args.smoke else "latest.json")
 
@@ -896,7 +911,7 @@ def main() -> int:
     rep.log(f"{'smoke' if plan.smoke else 'full'} run in {work}; {info['nproc']} CPUs, Python {info['python']}, "
             f"load: {info['load_generator']}; load average {info['loadavg_start'][0]:.2f}")
     try:
-        bench.run()
+        bench.run(tuple(args.only or Bench.PHASES))
     except Broken as exc:  # the fake did not start: nothing else can run
         rep.broken("setup", str(exc))
     except KeyboardInterrupt:

@@ -1,5 +1,4 @@
-"""CPU per Clickatell request of the receiver's client, against the fake on loopback,
-in the event loop the worker uses (uvloop).
+"""CPU per Clickatell request of the receiver's client, against the fake on loopback.
 
     python bench/client_cost.py [--requests 3000] [--httpx]
 
@@ -21,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402  (the benchmark's process helpers: the fake, free ports)
-from receiver.cli import _use_uvloop  # noqa: E402
 from receiver.clickatell import ClickatellClient  # noqa: E402
 
 NUMBERS = [m.lstrip("+") for m in bench.MEMBERS]  # the benchmark's group: one message, five SMS
@@ -73,7 +71,6 @@ if __name__ == "__main__":
     import tempfile
 
     fake = bench.Fake(Path(tempfile.mkdtemp(prefix="client-cost-")))
-    _use_uvloop()  # as in the worker
     try:
         asyncio.run(main(fake.url, args.requests, args.httpx))
     finally:

@@ -1,10 +1,6 @@
 """The running receiver: one config snapshot, the outbox, the planner, the dispatcher, the
-Clickatell client and the metrics, wired together. The web layer and the CLI both talk to a
-:class:`Receiver`.
-
-The work behind the webhooks (planning, sending, pruning, balance polls) runs either in the same
-event loop (tests, ``start()``) or in a worker process (``start(worker=…)``, what ``sms-receiver
-run`` does): the web process then only receives, and wakes the worker over a pipe.
+Clickatell client and the metrics, wired together in one process and one event loop. The web
+layer and the CLI both talk to a :class:`Receiver`.
 """
 
 from __future__ import annotations
@@ -12,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from receiver import gc_tuning
@@ -23,11 +21,17 @@ from receiver.metrics import Metrics
 from receiver.pipeline import Snapshot
 from receiver.planner import Planner
 from receiver.store import Store, StoreError, open_store
-from receiver.worker import Health, Worker
 
 log = logging.getLogger("sms_receiver")
 
 PRUNE_INTERVAL = 300.0  # seconds between retention passes
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    running: bool  # the dispatcher loop ran recently
+    last_run_age: float | None  # seconds since it last ran
+    error: str | None  # the planner's or dispatcher's last store error
 
 
 class Receiver:
@@ -44,7 +48,9 @@ class Receiver:
         self.config_path = Path(config_path) if config_path else None
         self.clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
-        self.store = store or open_store(config.storage)
+        # called once if the store breaks (an I/O fault): the process must stop and be restarted
+        self.on_broken: Callable[[str], None] = lambda reason: None
+        self.store = store or open_store(config.storage, on_broken=lambda reason: self.on_broken(reason))
         self._snapshot = Snapshot.build(config)
         self._client = self._new_client(config)
         self._retired: dict[asyncio.Task[None], ClickatellClient] = {}  # replaced by a reload
@@ -56,13 +62,14 @@ class Receiver:
             clock=self.clock,
             rng=rng,
         )
+        self.answering = 0  # webhooks being answered now (the web layer counts them)
         self.planner = Planner(
             store=self.store,
             snapshot=lambda: self._snapshot,
             metrics=self.metrics,
             planned=self.dispatcher.wake,
+            answering=lambda: self.answering > 0,
         )
-        self.worker: Worker | None = None  # the worker process, when the work runs there
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self.last_reload_ok = True
@@ -90,22 +97,18 @@ class Receiver:
 
     def _new_client(self, cfg: Config) -> ClickatellClient:
         c = cfg.clickatell
-        return ClickatellClient(base_url=c.base_url, api=c.api, timeout=c.timeout)
+        return ClickatellClient(base_url=c.base_url, api=c.api, timeout=c.timeout,
+                                max_connections=cfg.dispatch.concurrency)
 
-    async def start(self, *, dispatch: bool = True, plan: bool = True,
-                    worker: Worker | None = None) -> None:
-        """Open the outbox; start the planner and the dispatcher in this loop, or hand all work
-        to ``worker``. ``dispatch=False`` / ``plan=False``: a test drives that stage itself."""
+    async def start(self, *, dispatch: bool = True, plan: bool = True) -> None:
+        """Open the outbox; start the planner, the dispatcher, pruning and balance polls.
+        ``dispatch=False`` / ``plan=False``: a test drives that stage itself."""
         await self.store.open()
         cfg = self.config
         self._init_metrics(cfg)
         self._reloaded(True)
         for warning in config_warnings(cfg):
             log.warning("%s", warning)
-        if worker is not None:
-            self.worker = worker
-            await worker.start()
-            return
         if plan:
             self._tasks.append(asyncio.create_task(self.planner.run(), name="planner"))
         if dispatch:
@@ -173,18 +176,8 @@ class Receiver:
                 log.warning("pruning the outbox failed: %s", exc)
             await asyncio.sleep(PRUNE_INTERVAL)
 
-    def wake_planner(self) -> None:
-        """A notification is in the inbox (a worker process wakes both its stages)."""
-        (self.worker or self.planner).wake()
-
-    def wake_dispatcher(self) -> None:
-        """Messages are in the outbox."""
-        (self.worker or self.dispatcher).wake()
-
-    async def health(self) -> Health:
-        """How the planner and the dispatcher are doing, wherever they run."""
-        if self.worker is not None:
-            return await self.worker.health()
+    def health(self) -> Health:
+        """How the planner and the dispatcher are doing."""
         last = self.dispatcher.last_run
         age = None if last is None else self.clock.monotonic() - last
         return Health(
@@ -194,8 +187,6 @@ class Receiver:
         )
 
     async def stop(self) -> None:
-        if self.worker is not None:
-            await self.worker.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -223,8 +214,8 @@ class Receiver:
                 if getattr(new, key) != getattr(old, key):
                     log.warning("config reload: %s changed; it takes effect after a restart", key)
             self._snapshot = Snapshot.build(new)
-            # the client sends from wherever dispatch runs: the worker process makes its own
-            if self.worker is None and new.clickatell.model_dump() != old.clickatell.model_dump():
+            if (new.clickatell.model_dump(), new.dispatch.concurrency) != (
+                    old.clickatell.model_dump(), old.dispatch.concurrency):
                 previous, self._client = self._client, self._new_client(new)
 
                 async def retire() -> None:  # requests in flight on the old client finish first
@@ -239,15 +230,10 @@ class Receiver:
             gc_tuning.after_reload()
             for warning in config_warnings(new):
                 log.warning("%s", warning)
-            if self.worker is not None:
-                errors = await self.worker.reload()
-                if errors:
-                    return errors
-            else:
-                try:  # a fixed key must not wait for the backoff of what it held back
-                    await self.store.retry_now(self.clock.now())
-                except StoreError as exc:
-                    log.warning("after reload, could not reschedule pending messages: %s", exc)
-                self.dispatcher.wake()
+            try:  # a fixed key must not wait for the backoff of what it held back
+                await self.store.retry_now(self.clock.now())
+            except StoreError as exc:
+                log.warning("after reload, could not reschedule pending messages: %s", exc)
+            self.dispatcher.wake()
             log.info("config reloaded from %s", self.config_path)
             return []

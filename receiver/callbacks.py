@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.store import RecipientState
+from receiver.models import RecipientState
 
 # statusCode → (metric label, final recipient state or None while in progress)
 _REST_STATUS: Mapping[int, tuple[str, RecipientState | None]] = {

@@ -28,16 +28,6 @@ from receiver.pipeline import Snapshot, plan_notification, policy
 log = logging.getLogger("sms_receiver")
 
 
-def _use_uvloop() -> None:
-    """uvloop when installed (it is a dependency on Linux and macOS): the same asyncio API,
-    a faster loop under a webhook storm (docs/PERFORMANCE.md)."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def _throttle_text(cfg: Config) -> str:
     p = cfg.paging
     if not p.throttle:
@@ -51,26 +41,36 @@ def _throttle_text(cfg: Config) -> str:
 # run
 
 
-async def _serve(cfg: Config, config_path: Path, listen: str, log_format: str,
-                 single_process: bool) -> None:
+async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
+    """Serve until SIGTERM/SIGINT (0) or until the outbox breaks (1: restart me)."""
     from aiohttp import web
 
     from receiver.app import Receiver
     from receiver.web import create_app
-    from receiver.worker import Worker
-
-    receiver = Receiver(cfg, config_path=config_path)
-    await receiver.start(worker=None if single_process else Worker(config_path, log_format))
-    runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
-    await runner.setup()
-    host, port = split_listen(listen)
-    await web.TCPSite(runner, host, port, backlog=1024).start()
-    gc_tuning.settle()
-    log.info("sms-receiver %s listening on http://%s (storage %s)", __version__, listen,
-             cfg.storage.split("?")[0] if cfg.storage.startswith("sqlite") else "postgresql")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    broken: list[str] = []
+    receiver = Receiver(cfg, config_path=config_path)
+
+    def on_broken(reason: str) -> None:
+        broken.append(reason)
+        stop.set()
+
+    receiver.on_broken = on_broken
+    await receiver.start()
+    runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
+    try:
+        await runner.setup()
+        host, port = split_listen(listen)
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+    except BaseException:
+        await runner.cleanup()
+        await receiver.stop()
+        raise
+    gc_tuning.settle()
+    log.info("sms-receiver %s listening on http://%s (storage %s)", __version__, listen, cfg.storage)
+
     reloads: set[asyncio.Task[list[str]]] = set()
 
     def on_sighup() -> None:
@@ -82,9 +82,14 @@ async def _serve(cfg: Config, config_path: Path, listen: str, log_format: str,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: finishing requests and sends in flight")
+    if broken:
+        log.critical("stopping: the outbox failed (%s); exiting with status 1 so that the "
+                     "supervisor restarts the receiver", broken[0])
+    else:
+        log.info("shutting down: finishing requests and sends in flight")
     await runner.cleanup()
     await receiver.stop()
+    return 1 if broken else 0
 
 
 def _load_or_report(path: str) -> Config | None:
@@ -102,8 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_or_report(args.config)
     if cfg is None:
         return 1
-    log_format = args.log_format or cfg.log_format
-    setup_logging(log_format)
+    setup_logging(args.log_format or cfg.log_format)
     listen = args.listen or cfg.listen
     try:
         split_listen(listen)
@@ -112,36 +116,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from receiver.store import StoreError
 
-    _use_uvloop()
     try:
-        asyncio.run(_serve(cfg, Path(args.config), listen, log_format, args.single_process))
+        return asyncio.run(_serve(cfg, Path(args.config), listen))
     except StoreError as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:
         log.error("cannot listen on %s: %s", listen, exc.strerror or exc)
         return 1
-    return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    """The worker process that ``run`` starts (see receiver/worker.py); not for direct use."""
-    cfg = _load_or_report(args.config)
-    if cfg is None:
-        return 1
-    setup_logging(args.log_format or cfg.log_format)
-    from receiver.app import Receiver
-    from receiver.store import StoreError
-    from receiver.worker import serve_worker
-
-    _use_uvloop()
-    try:
-        asyncio.run(serve_worker(Receiver(cfg, config_path=Path(args.config)),
-                                 Path(args.socket), args.wake_fd))
-    except StoreError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +183,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
         now = SystemClock().now()
     snap = Snapshot.build(cfg)
-    plan = plan_notification(notification, snap, now, lambda _now: "-")
+    plan = plan_notification(notification, "-", snap, now)
     throttle = _throttle_text(cfg)
 
     if args.json:
@@ -259,8 +241,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from receiver import fake_clickatell
-
     parser = argparse.ArgumentParser(
         prog="sms-receiver", description="SMS paging receiver for Alertmanager and Grafana."
     )
@@ -271,16 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
     run.add_argument("--listen", help="HOST:PORT, overriding the config's listen")
     run.add_argument("--log-format", choices=("text", "json"), help="overrides log_format")
-    run.add_argument("--single-process", action="store_true",
-                     help="plan and send in the web process instead of a worker process")
     run.set_defaults(func=cmd_run)
-
-    worker = sub.add_parser("worker", help="(internal) the worker process that run starts")
-    worker.add_argument("--config", required=True)
-    worker.add_argument("--socket", required=True, help="Unix socket for health, metrics, reload")
-    worker.add_argument("--wake-fd", type=int, required=True, help="read end of the wake-up pipe")
-    worker.add_argument("--log-format", choices=("text", "json"))
-    worker.set_defaults(func=cmd_worker)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
@@ -295,16 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--json", action="store_true", help="machine-readable output")
     render.set_defaults(func=cmd_render)
 
-    fake = sub.add_parser("fake-clickatell", help="a local stand-in for Clickatell")
-    fake_clickatell.add_cli_arguments(fake)
-    fake.set_defaults(func=fake_clickatell.run_from_args)
+    fake = sub.add_parser("fake-clickatell", help="a local stand-in for Clickatell (for trying "
+                          "the receiver and for tests; the fake_clickatell package)")
+    fake.set_defaults(func=lambda args: _fake_clickatell([]))
     return parser
+
+
+def _fake_clickatell(argv: list[str]) -> int:
+    """The fake lives outside the runtime package, in ``fake_clickatell``: imported only for
+    this command, which hands it its own arguments."""
+    import fake_clickatell
+
+    return fake_clickatell.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()  # process-wide: no "_created" twin of every counter and histogram
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-clickatell"]:
+        return _fake_clickatell(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

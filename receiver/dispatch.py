@@ -1,6 +1,7 @@
 """Dispatch: drain the outbox into Clickatell.
 
-One loop claims due messages (most urgent first) and sends each in its own task, at most
+One loop releases the holds that are due, claims due messages (most urgent first), runs them
+through the throttle (:mod:`receiver.holds`) and sends each in its own task, at most
 ``dispatch.concurrency`` at a time; the recipients of one text go in requests of at most
 ``dispatch.batch_size``. What Clickatell answers decides each recipient's fate:
 
@@ -15,7 +16,9 @@ permanent (100, 101, 113 …)   the remaining recipients failed
 still pending at max_age      dead letter: visible in the API and counted
 ============================  ============================================================
 
-Without an API key (dry-run) a message is logged and recorded as ``dry_run``.
+A result the store cannot take (a full disk) is kept and recorded as soon as it can be; until
+then its message is never claimed again by this process, so nothing Clickatell accepted is sent
+twice for it. Without an API key (dry-run) a message is logged and recorded as ``dry_run``.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from receiver import holds
 from receiver.clickatell import ClickatellClient, Kind, SendOutcome, classify
 from receiver.clock import Clock
 from receiver.config import format_duration
 from receiver.metrics import Metrics
 from receiver.phone import mask, msisdn
 from receiver.pipeline import Snapshot, new_message_id
-from receiver.store import MessageRecord, RecipientUpdate, Released, Store, StoreError
+from receiver.store import MessageRecord, RecipientUpdate, Result, Store, StoreError
 
 log = logging.getLogger("sms_receiver.dispatch")
 
@@ -88,6 +92,8 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        # results Clickatell gave that the store could not take yet, by message id
+        self._unrecorded: dict[str, tuple[MessageRecord, Result]] = {}
         self.last_run: float | None = None  # monotonic time of the last loop pass (readiness)
         self.last_error: str | None = None  # the store error of the last pass, if any
         self._next_release = float("-inf")  # clock time of the next look at held messages
@@ -113,43 +119,43 @@ class Dispatcher:
                     pass
                 self._wake.clear()
         finally:
-            if self._inflight:
-                await asyncio.gather(*self._inflight, return_exceptions=True)
+            await self.drain()
 
     async def run_once(self) -> int:
-        """One pass: release what holds are due (at most once a second), claim what is due and
-        start sending it. Returns how many were claimed."""
+        """One pass: record results still unrecorded, release what holds are due (at most once a
+        second), claim what is due and start sending it. Returns how many were claimed."""
         self.last_run = self._clock.monotonic()
         now = self._clock.now()
         self._metrics.dispatcher_last_run.set(now)
         snap = self._snapshot()
         cfg = snap.config.dispatch
         room = cfg.concurrency - len(self._inflight)
-        if room <= 0:
-            return 0
-        throttled: dict[str, int] = {}
         try:
+            for message, result in list(self._unrecorded.values()):
+                await self._record(message, result)
             if now >= self._next_release:
                 self._next_release = now + RELEASE_INTERVAL
-                self._released(await self._store.release(
-                    now, snap.throttle, snap.config.clickatell.max_parts, new_message_id
-                ))
-            claimed = await self._store.claim(now, room, cfg.lease, snap.throttle, throttled)
+                self._released(await holds.release(
+                    self._store, snap.throttle, snap.config.clickatell.max_parts, new_message_id, now))
+            if room <= 0:
+                return 0
+            claimed = await self._store.claim(now, room, cfg.lease, exclude=list(self._unrecorded))
+            admission = await holds.gate(self._store, claimed, snap.throttle, now)
         except StoreError as exc:
             if self.last_error is None:
-                log.error("dispatcher cannot claim messages: %s", exc)
+                log.error("dispatcher cannot use the outbox: %s", exc)
             self.last_error = str(exc)
             return 0
         self.last_error = None
-        for gid, n in throttled.items():
+        for gid, n in admission.throttled.items():
             self._metrics.sms_throttled.labels(gid).inc(n)
-        for message in claimed:
+        for message in admission.ready:
             task = asyncio.create_task(self._deliver(message))
             self._inflight.add(task)
             task.add_done_callback(self._done)
         return len(claimed)
 
-    def _released(self, released: list[Released]) -> None:
+    def _released(self, released: list[holds.Released]) -> None:
         m = self._metrics
         for r in released:
             m.collapsed.labels(r.kind).inc(r.collapsed)
@@ -185,11 +191,7 @@ class Dispatcher:
             attempt = self._dry_run(message, numbers)
         else:
             attempt = await self._send(message, numbers, key, snap)
-        try:
-            await self._finish(message, numbers, attempt, snap)
-        except StoreError as exc:
-            # The lease runs out and the message is claimed again: at-least-once, never lost.
-            log.error("could not record the result of message %s: %s", message.id, exc)
+        await self._record(message, self._result(message, numbers, attempt, snap))
 
     def _dry_run(self, message: MessageRecord, numbers: tuple[str, ...]) -> _Attempt:
         log.warning(
@@ -249,52 +251,67 @@ class Dispatcher:
         elif outcome.kind is not Kind.OK:
             log.warning("Clickatell request failed: %s", _describe(outcome))
 
-    async def _finish(
-        self, message: MessageRecord, numbers: tuple[str, ...], attempt: _Attempt, snap: Snapshot
-    ) -> None:
+    def _result(self, message: MessageRecord, numbers: tuple[str, ...], attempt: _Attempt,
+                snap: Snapshot) -> Result:
+        """What to record: each recipient's fate, and when the rest is due again (or dead)."""
         cfg = snap.config.dispatch
         now = self._clock.now()
         done = {u.number for u in attempt.updates}
         left = [n for n in numbers if n not in done]
         updates = list(attempt.updates)
-        dead = False
-        retry_at = None
+        error, dead, retry_at = attempt.error, False, None
         if left and attempt.kind is Kind.PERMANENT:
             updates += [RecipientUpdate(n, "failed", None, None, attempt.error) for n in left]
         elif left and now - message.created_at >= cfg.max_age:
             dead = True
-            attempt.error = f"not accepted within {format_duration(cfg.max_age)}: {attempt.error}"
+            error = f"not accepted within {format_duration(cfg.max_age)}: {attempt.error}"
         elif left:
             delay = backoff(message.attempts, cfg.retry_initial, cfg.retry_max, self._rng)
             retry_at = now + max(delay, attempt.retry_after or 0.0)
-        state = await self._store.finish(
-            message.id, updates, now, retry_at=retry_at, last_error=attempt.error, dead=dead
-        )
-        self._count(message, updates, left if dead else [], now)
+        return Result(message.id, tuple(updates), now, retry_at, error, dead)
+
+    async def _record(self, message: MessageRecord, result: Result) -> bool:
+        """Store an attempt's result, then count and log it. A result the store cannot take is
+        kept (and its message not claimed again) until it can; none is kept once the store is
+        broken, since the process is then stopping. False: not recorded (yet)."""
+        try:
+            state = await self._store.finish(result)
+        except StoreError as exc:
+            if self._store.broken is None:
+                if message.id not in self._unrecorded:
+                    log.error("could not record the result of message %s (kept until it can "
+                              "be): %s", message.id, exc)
+                self._unrecorded[message.id] = (message, result)
+            return False
+        if self._unrecorded.pop(message.id, None) is not None:
+            log.info("result of message %s recorded", message.id)
+        self._count(message, result)
         log.info(
             "message %s group=%s attempt=%d state=%s accepted=%d failed=%d%s",
             message.id, message.group_id, message.attempts, state,
-            sum(u.state == "accepted" for u in updates), sum(u.state == "failed" for u in updates),
-            f" retry_in={retry_at - now:.1f}s" if retry_at else "",
+            sum(u.state == "accepted" for u in result.updates),
+            sum(u.state == "failed" for u in result.updates),
+            f" retry_in={result.retry_at - result.at:.1f}s" if result.retry_at else "",
         )
+        return True
 
-    def _count(
-        self, message: MessageRecord, updates: list[RecipientUpdate], dead: list[str], now: float
-    ) -> None:
+    def _count(self, message: MessageRecord, result: Result) -> None:
         m, gid = self._metrics, message.group_id
+        updates = result.updates
         accepted = sum(u.state == "accepted" for u in updates)
         if accepted:
             m.sms_sent.labels(gid).inc(accepted)
             m.sms_parts.labels(gid).inc(accepted * message.parts)
             if message.accepted_at is None:
-                m.delivery_latency.observe(max(0.0, now - message.created_at))
+                m.delivery_latency.observe(max(0.0, result.at - message.created_at))
         rejected = sum(u.state == "failed" and u.error_code is not None for u in updates)
         permanent = sum(u.state == "failed" and u.error_code is None for u in updates)
         if rejected:
             m.sms_failed.labels(gid, "rejected").inc(rejected)
         if permanent:
             m.sms_failed.labels(gid, "permanent").inc(permanent)
-        if dead:
-            m.sms_failed.labels(gid, "dead").inc(len(dead))
+        if result.dead:
+            left = len(message.pending_numbers) - len(updates)
+            m.sms_failed.labels(gid, "dead").inc(max(left, 0))
             m.dead_letters.labels(gid).inc()
             log.error("DEAD LETTER: message %s to group %s was given up", message.id, gid)

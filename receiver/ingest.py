@@ -1,25 +1,25 @@
-"""Ingest: each sender's body → one :class:`~receiver.models.Notification`.
+"""Ingest: each sender's body → one :class:`~receiver.models.Notification`, validated.
 
-Webhook bodies are parsed and type-checked in one pass by msgspec, straight from the JSON bytes
-into the wire structs below (on the answer path: 1.9 µs for a 1-alert body, 6.8 µs for 10, against
-5.8 and 26 µs with pydantic). Unknown keys are ignored, since Alertmanager and Grafana add keys
-over time; wrong types and shapes raise :class:`InvalidPayload` with a short reason that names
-the field (``alerts.0.labels.a: Expected `str`, got `int```).
+Webhook bodies are parsed and validated in one pass by pydantic (JSON straight into the wire
+models below, in Rust). Unknown keys are ignored, since Alertmanager and Grafana add keys over
+time; wrong types and shapes raise :class:`InvalidPayload` with a short reason that names the
+field (``alerts.0.labels.a: Input should be a valid string``): 400 for a body that is not JSON,
+422 for JSON of the wrong shape.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import msgspec
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from receiver.models import Alert, AlertStatus, Notification, Source
+from receiver.models import Alert, AlertStatus, Notification
+
+WebhookSource = Literal["alertmanager", "grafana"]
 
 
 class InvalidPayload(Exception):
@@ -33,63 +33,50 @@ class InvalidPayload(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Wire formats (only what we read; everything else is ignored). Grafana sends null for unset
-# URLs and maps: accepted here, read as "" and {} by notification_of. Times stay strings here:
-# validate_webhook parses them with datetime.fromisoformat, which truncates Alertmanager's
-# nanoseconds to microseconds as earlier releases did (msgspec rounds), so dedup keys are kept.
+# strings and maps: accepted here, read as "" and {}. Times keep microseconds (Alertmanager's
+# nanoseconds are truncated).
 
 
-class _WireAlert(msgspec.Struct, frozen=True, gc=False):
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _WireAlert(_Wire):
     status: Literal["firing", "resolved"]
     labels: dict[str, str]
     annotations: dict[str, str] | None = None
-    startsAt: str | None = None
-    endsAt: str | None = None
+    startsAt: datetime | None = None
+    endsAt: datetime | None = None
     generatorURL: str | None = None
-    fingerprint: str = ""
+    fingerprint: str | None = None
     # Grafana
     silenceURL: str | None = None
     dashboardURL: str | None = None
     panelURL: str | None = None
     imageURL: str | None = None
     values: dict[str, Any] | None = None
-    valueString: str = ""
+    valueString: str | None = None
 
 
-class _WireNotification(msgspec.Struct, frozen=True, gc=False):
-    alerts: Annotated[list[_WireAlert], msgspec.Meta(min_length=1)]
-    version: str = ""
+class _WireNotification(_Wire):
+    alerts: list[_WireAlert] = Field(min_length=1)
+    version: str | None = None
     status: Literal["firing", "resolved"] = "firing"
-    receiver: str = ""
-    groupKey: str = ""
-    truncatedAlerts: Annotated[int, msgspec.Meta(ge=0)] = 0
+    receiver: str | None = None
+    groupKey: str | None = None
+    truncatedAlerts: int = Field(0, ge=0)
     groupLabels: dict[str, str] | None = None
     commonLabels: dict[str, str] | None = None
     commonAnnotations: dict[str, str] | None = None
-    externalURL: str = ""
+    externalURL: str | None = None
     # Grafana
-    title: str = ""
-    message: str = ""
-
-
-_DECODER = msgspec.json.Decoder(_WireNotification)
-_GO_ZERO = "0001-01-01T00:00:00Z"  # Go's zero time, a firing alert's endsAt
+    title: str | None = None
+    message: str | None = None
 
 
 def _zero_to_none(value: datetime | None) -> datetime | None:
     # Go's zero time (year 1) means "not set": a firing alert's endsAt.
     return None if value is None or value.year <= 1 else value
-
-
-def _time(value: str | None, where: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidPayload(f"{where}: not an RFC 3339 time: {value[:40]!r}", 422) from None
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def label_fingerprint(labels: Mapping[str, str]) -> str:
@@ -103,96 +90,78 @@ def label_fingerprint(labels: Mapping[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _describe(exc: ValidationError, limit: int = 3) -> str:
-    parts = []
-    for err in exc.errors(include_url=False)[:limit]:
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = "required" if err["type"] == "missing" else err["msg"]
-        parts.append(f"{loc}: {msg}")
-    more = exc.error_count() - limit
+# ---------------------------------------------------------------------------------------------
+# Errors that name the field
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        return "required"
+    if kind.startswith(("datetime", "date_")):
+        return f"not an RFC 3339 time: {str(err.get('input'))[:40]!r}"
+    return str(err["msg"])
+
+
+def describe(exc: ValidationError, limit: int = 3) -> str:
+    """The first ``limit`` problems as ``path: what``, and how many more there are."""
+    errors = exc.errors(include_url=False)
+    parts = [f"{_where(e['loc'])}: {_message(e)}" for e in errors[:limit]]
+    more = len(errors) - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 _LEGACY_GRAFANA_KEYS = ("evalMatches", "ruleId", "ruleName", "ruleUrl")
-_MISSING = re.compile(r"Object missing required field `([^`]*)`")
 
 
-def _wire_problem(exc: msgspec.ValidationError, body: bytes) -> str:
-    """msgspec's ``Expected `str`, got `int` - at `$.alerts[0].labels[...]``` as
-    ``alerts.0.labels.a: Expected `str`, got `int```."""
-    msg, _, path = str(exc).partition(" - at `")
-    steps = re.findall(r"\.(\w+)|\[(\d+|\.\.\.)\]", path.rstrip("`"))
-    names = [name or index for name, index in steps]
-    if names and names[-1] == "...":  # a map's value: msgspec does not say which key
-        names[-1] = _bad_key(body, names[:-1]) or "..."
-    missing = _MISSING.fullmatch(msg)
-    if missing:
-        names, msg = [*names, missing[1]], "required"
-    return f"{'.'.join(names) or 'body'}: {msg}"
-
-
-def _bad_key(body: bytes, names: list[str]) -> str | None:
-    """The first key of the string map at ``names`` whose value is not a string."""
-    node: Any = json.loads(body)
-    for name in names:
-        node = node[int(name)] if isinstance(node, list) else node[name]
-    return next((k for k, v in node.items() if not isinstance(v, str)), None)
-
-
-WebhookBody = _WireNotification  # a validated webhook, as sent (only what we read)
-
-
-def validate_webhook(body: bytes, source: Literal["alertmanager", "grafana"]) -> WebhookBody:
-    """Validate a webhook body; raise :class:`InvalidPayload` naming what is wrong. What the
-    answer path needs (the planner builds the :class:`Notification` later, from the body)."""
-    wire = _decode(body, source)
-    parse = datetime.fromisoformat
-    try:  # the names are built only for an error
-        for a in wire.alerts:
-            if a.startsAt is not None:
-                parse(a.startsAt)
-            if a.endsAt is not None and a.endsAt != _GO_ZERO:
-                parse(a.endsAt)
-    except ValueError:
-        for i, a in enumerate(wire.alerts):
-            _time(a.startsAt, f"alerts.{i}.startsAt")
-            _time(a.endsAt, f"alerts.{i}.endsAt")
-    return wire
-
-
-def _decode(body: bytes, source: Source) -> _WireNotification:
-    try:
-        return _DECODER.decode(body)
-    except msgspec.ValidationError as exc:
-        if str(exc).startswith("Expected `object`") and " - at `" not in str(exc):
-            raise InvalidPayload("body must be a JSON object with an 'alerts' list", 422) from None
-        if source == "grafana" and any(k.encode() in body for k in _LEGACY_GRAFANA_KEYS) and (
-            b'"alerts"' not in body
-        ):
-            raise InvalidPayload(
+def _problem(exc: ValidationError, body: bytes, source: WebhookSource) -> InvalidPayload:
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return InvalidPayload(f"body is not valid JSON: {first['msg']}", 400)
+    if first["type"] == "model_type" and not first["loc"]:
+        return InvalidPayload("body must be a JSON object with an 'alerts' list", 422)
+    if source == "grafana":
+        data = pydantic_core.from_json(body)
+        if isinstance(data, dict) and "alerts" not in data and any(k in data for k in _LEGACY_GRAFANA_KEYS):
+            return InvalidPayload(
                 "legacy Grafana alerting (before 8.0) webhook body is not supported: "
-                "use a unified-alerting webhook contact point",
-                422,
-            ) from None
-        raise InvalidPayload(_wire_problem(exc, body), 422) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidPayload(f"body is not valid JSON: {exc}", 400) from None
+                "use a unified-alerting webhook contact point", 422)
+    return InvalidPayload(describe(exc), 422)
 
 
-def parse_webhook(body: bytes, source: Literal["alertmanager", "grafana"]) -> Notification:
-    """Decode an Alertmanager (v4) or Grafana (unified alerting) webhook body."""
+# ---------------------------------------------------------------------------------------------
+# Webhooks
+
+
+Webhook = _WireNotification  # a validated webhook body, as sent (only what we read)
+
+
+def validate_webhook(body: bytes, source: WebhookSource) -> Webhook:
+    """Validate an Alertmanager (v4) or Grafana (unified alerting) webhook body; raise
+    :class:`InvalidPayload` naming what is wrong."""
+    try:
+        return _WireNotification.model_validate_json(body)
+    except ValidationError as exc:
+        raise _problem(exc, body, source) from None
+
+
+def parse_webhook(body: bytes, source: WebhookSource) -> Notification:
+    """A webhook body as the internal model (see :func:`validate_webhook`)."""
     return notification_of(validate_webhook(body, source), source)
 
 
-def notification_of(wire: WebhookBody, source: Literal["alertmanager", "grafana"]) -> Notification:
-    """The internal model of a validated webhook."""
+def notification_of(wire: Webhook, source: WebhookSource) -> Notification:
     alerts = tuple(
         Alert(
             status=AlertStatus(a.status),
             labels=a.labels,
             annotations=a.annotations or {},
-            starts_at=_zero_to_none(_time(a.startsAt, "startsAt")),
-            ends_at=_zero_to_none(_time(a.endsAt, "endsAt")),
+            starts_at=_zero_to_none(a.startsAt),
+            ends_at=_zero_to_none(a.endsAt),
             generator_url=a.generatorURL or "",
             fingerprint=a.fingerprint or label_fingerprint(a.labels),
             silence_url=a.silenceURL or "",
@@ -200,7 +169,7 @@ def notification_of(wire: WebhookBody, source: Literal["alertmanager", "grafana"
             panel_url=a.panelURL or "",
             image_url=a.imageURL or "",
             values=a.values,
-            value_string=a.valueString,
+            value_string=a.valueString or "",
         )
         for a in wire.alerts
     )
@@ -208,60 +177,31 @@ def notification_of(wire: WebhookBody, source: Literal["alertmanager", "grafana"
         source=source,
         alerts=alerts,
         status=AlertStatus(wire.status),
-        receiver=wire.receiver,
-        group_key=wire.groupKey,
+        receiver=wire.receiver or "",
+        group_key=wire.groupKey or "",
         group_labels=wire.groupLabels or {},
         common_labels=wire.commonLabels or {},
         common_annotations=wire.commonAnnotations or {},
-        external_url=wire.externalURL,
+        external_url=wire.externalURL or "",
         truncated_alerts=wire.truncatedAlerts,
-        title=wire.title,
-        message=wire.message,
+        title=wire.title or "",
+        message=wire.message or "",
     )
 
 
-def dedup_key(n: Notification) -> str:
-    """Identity of a notification for replay detection.
+def dedup_key(wire: Webhook, source: WebhookSource) -> str:
+    """Identity of a notification for replay detection: its source, group key, and each
+    alert's fingerprint, status and start.
 
     Alertmanager retries, repeats and HA peers send the same group with the same alerts in the
     same states; any change (an alert added, one resolving, a new startsAt) is a new key.
     """
-    return _key(n.source, n.group_key,
-                [_alert_key(a.fingerprint, a.status, a.starts_at) for a in n.alerts])
-
-
-def webhook_key(wire: WebhookBody, source: Source) -> str:
-    """:func:`dedup_key` of ``notification_of(wire, source)``, without building it (and for
-    a validated body: its times parse)."""
-    return _key(source, wire.groupKey, [
-        f"{a.fingerprint or label_fingerprint(a.labels)}:{a.status}:{_key_time(a.startsAt) if a.startsAt else ''}"
+    alerts = sorted(
+        f"{a.fingerprint or label_fingerprint(a.labels)}:{a.status}:"
+        f"{start.isoformat() if (start := _zero_to_none(a.startsAt)) else ''}"
         for a in wire.alerts
-    ])
-
-
-def _key_time(raw: str) -> str:
-    """``_zero_to_none(datetime.fromisoformat(raw)).isoformat()`` or "" for a valid time: by
-    slicing for Go's RFC 3339 in UTC (what Alertmanager sends: up to 9 fraction digits, trailing
-    zeros trimmed), where ``isoformat`` alone (1.2 µs) was most of a 10-alert key."""
-    if raw.startswith("0001-"):
-        return ""
-    if len(raw) >= 20 and raw[-1] == "Z" and raw[10] == "T" and raw[19] in ".Z":
-        fraction = raw[20:26].ljust(6, "0") if raw[19] == "." else "000000"
-        if fraction.isdigit():  # isoformat leaves out a zero fraction
-            return f"{raw[:19]}.{fraction}+00:00" if fraction != "000000" else f"{raw[:19]}+00:00"
-    return datetime.fromisoformat(raw).isoformat()
-
-
-def _alert_key(fingerprint: str, status: str, starts_at: datetime | None) -> str:
-    # status: an AlertStatus (a StrEnum: formats as its value) or the wire's string
-    return f"{fingerprint}:{status}:{starts_at.isoformat() if starts_at else ''}"
-
-
-def _key(source: str, group_key: str, alerts: list[str]) -> str:
-    """One hash of the source, group key and sorted alerts, each ended by a NUL."""
-    alerts.sort()
-    alerts.append("")
-    return hashlib.sha256(f"{source}\x00{group_key}\x00{chr(0).join(alerts)}".encode()).hexdigest()
+    )
+    return hashlib.sha256("\x00".join([source, wire.groupKey or "", *alerts, ""]).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +233,8 @@ def parse_send(body: bytes) -> list[SendItem | InvalidPayload]:
     Each item is validated on its own, so one bad item does not reject the others.
     """
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = pydantic_core.from_json(body)
+    except ValueError as exc:
         raise InvalidPayload(f"body is not valid JSON: {exc}", 400) from None
     if isinstance(data, dict):
         data = [data]
@@ -305,7 +245,7 @@ def parse_send(body: bytes) -> list[SendItem | InvalidPayload]:
         try:
             parsed = SendItem.model_validate(item)
         except ValidationError as exc:
-            out.append(InvalidPayload(_describe(exc)))
+            out.append(InvalidPayload(describe(exc)))
             continue
         problem = parsed.problem()
         out.append(InvalidPayload(problem) if problem else parsed)
@@ -314,9 +254,5 @@ def parse_send(body: bytes) -> list[SendItem | InvalidPayload]:
 
 def send_notification(item: SendItem) -> Notification:
     """A ``/send`` item as a notification with no alerts (the template sees ``variables``)."""
-    return Notification(
-        source="send",
-        alerts=(),
-        message=item.message or "",
-        variables=item.variables,
-    )
+    return Notification(source="send", alerts=(), message=item.message or "", variables=item.variables)
+

@@ -11,27 +11,14 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from receiver import __version__
-from receiver.models import NewMessage
+from receiver.models import MESSAGE_STATES, NewMessage
 from receiver.paging import hold_kind
-from receiver.store import MESSAGE_STATES
-
-if TYPE_CHECKING:
-    from receiver.routing import RoutingResult
+from receiver.routing import RoutingResult
 
 log = logging.getLogger("sms_receiver")
 
@@ -204,11 +191,11 @@ class Metrics:
         )
         self.planning_failures = Counter(
             p + "planning_failures_total",
-            "Received notifications that could not be turned into messages (kept in the inbox).",
+            "Received notifications that could not be turned into messages (kept, with their error).",
             registry=r,
         )
-        self.inbox = Gauge(
-            p + "inbox_notifications",
+        self.unplanned = Gauge(
+            p + "notifications_unplanned",
             "Notifications received (answered 2xx) and not yet turned into messages.", registry=r,
         )
         self.dispatcher_last_run = Gauge(
@@ -268,18 +255,8 @@ class Metrics:
             for reason in FAIL_REASONS:
                 self.sms_failed.labels(gid, reason)
 
-    def worker_exposition(self) -> bytes:
-        """The exposition a worker process hands to the web process: without the gauges the web
-        process owns (reload state, outbox gauges it sets at each scrape, build info)."""
-        own = {fam.name for m in (self.reload_ok, self.reload_ts, self.dry_run, self.outbox_pending,
-                                  self.outbox_oldest_age, self.outbox_messages,
-                                  self.held_recipients, self.inbox, self.build)
-               for fam in m.describe()}
-        return generate_latest(_Families([f for f in self.registry.collect() if f.name not in own]))  # type: ignore[arg-type]
-
     def count_replay(self, routing: RoutingResult) -> None:
-        """A replayed notification: count the message each of its groups did not get again
-        (whichever process caught it: the web process from its recent keys, or the planner)."""
+        """A replayed notification: count the message each of its groups did not get again."""
         for d in routing.deliveries:
             self.child(self.sms_deduplicated, d.group_id).inc()
 
@@ -307,40 +284,3 @@ class Metrics:
 
     def status_code(self, status: int | None) -> str:
         return "none" if status is None else str(status) if 100 <= status <= 599 else "other"
-
-
-class _Families:
-    """A registry-shaped view of parsed metric families, for ``generate_latest``."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
-def merge_expositions(*texts: bytes) -> bytes:
-    """One exposition from several processes' metrics of the same names (the web process and
-    the worker): counters and histograms add up (``_created`` keeps the earliest), gauges take
-    the largest value (each gauge is set by one process; the other's stays at 0), the rest the
-    first one's."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
-        for fam in text_string_to_metric_families(text.decode()):
-            families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
-            merged = values.setdefault(fam.name, {})
-            for sample in fam.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                old = merged.get(key)
-                if old is None:
-                    merged[key] = sample.value
-                elif sample.name.endswith("_created"):
-                    merged[key] = min(old, sample.value)
-                elif fam.type in ("counter", "histogram", "summary"):
-                    merged[key] = old + sample.value
-                elif fam.type == "gauge":
-                    merged[key] = max(old, sample.value)
-    for name, fam in families.items():
-        fam.samples = [Sample(s, dict(labels), value) for (s, labels), value in values[name].items()]
-    return generate_latest(_Families(list(families.values())))  # type: ignore[arg-type]

@@ -1,8 +1,8 @@
-"""The internal data model every stage speaks.
+"""The internal data model every stage speaks, and the message state machine.
 
 ``ingest`` turns each sender's payload into one :class:`Notification`; ``routing`` splits it into
-:class:`GroupDelivery` items; ``render`` turns each into an :class:`SmsText`; ``store`` keeps
-:class:`NewMessage` rows durable until ``dispatch`` delivers them.
+:class:`GroupDelivery` items; ``render`` turns each into an :class:`SmsText`; the planner makes
+them :class:`NewMessage` rows that ``store`` keeps durable until ``dispatch`` delivers them.
 """
 
 from __future__ import annotations
@@ -119,3 +119,59 @@ class NewMessage:
     hold_until: float | None = None  # ... until then
     suppressed: bool = False  # delivery: none: recorded, never sent
     admitted: bool = False  # already cleared by the throttle (a bundle)
+
+    @property
+    def state(self) -> MessageState:
+        """The state it is stored in."""
+        return "suppressed" if self.suppressed else "held" if self.hold_until is not None else "pending"
+
+
+# ---------------------------------------------------------------------------------------------
+# The message state machine. A message's state is derived from its recipients' states
+# (message_state), except ``sending``: claimed under a lease by a dispatcher.
+
+MessageState = Literal[
+    "pending", "sending", "sent", "partial", "failed", "dead", "dry_run",
+    "held", "suppressed", "bundled", "collapsed",
+]
+RecipientState = Literal[
+    "pending", "accepted", "failed", "delivered", "undelivered", "dry_run",
+    "held", "suppressed", "bundled", "collapsed",
+]
+# held: waiting for a digest, quiet hours or the throttle; suppressed: delivery none;
+# bundled: folded into the summary message ``bundle_id``; collapsed: fired and resolved while held.
+MESSAGE_STATES: tuple[MessageState, ...] = (
+    "pending", "sending", "sent", "partial", "failed", "dead", "dry_run",
+    "held", "suppressed", "bundled", "collapsed",
+)
+# States a message never leaves: what retention may delete.
+FINISHED_STATES: tuple[MessageState, ...] = (
+    "sent", "partial", "failed", "dead", "dry_run", "suppressed", "bundled", "collapsed",
+)
+
+
+def message_state(counts: Mapping[str, int], dead: bool = False) -> MessageState:
+    """A message's state from how many of its recipients are in each state. Anyone still
+    pending keeps it pending, then anyone held; ``dead`` (given up) wins over the results."""
+    if counts.get("pending"):
+        return "pending"
+    if counts.get("held"):
+        return "held"
+    if dead:
+        return "dead"
+    ok = counts.get("accepted", 0) + counts.get("delivered", 0) + counts.get("undelivered", 0)
+    folded = counts.get("bundled", 0)
+    failed = counts.get("failed", 0)
+    if counts.get("dry_run") and not ok and not failed:
+        return "dry_run"
+    if failed and (ok or folded):
+        return "partial"
+    if ok:
+        return "sent"
+    if failed:
+        return "failed"
+    if folded:
+        return "bundled"
+    if counts.get("collapsed"):
+        return "collapsed"
+    return "suppressed" if counts.get("suppressed") else "sent"

@@ -1,40 +1,46 @@
-"""Planning: the inbox → outbox stage.
+"""The planner: received notifications → messages.
 
-A webhook is answered once its body is durable in the inbox (``Store.receive``). The planner
-then routes and renders each stored notification into its messages (routes, templates, encoding,
-paging policy, all as of the time of receipt), commits them to the outbox, then removes the inbox
-row. Message ids derive from the notification id, so a notification planned again after a crash
-between the two commits adds nothing. Routing and rendering are the costly part of accepting an
-alert; doing them here keeps webhook answers fast in a storm, in the worker process.
+A webhook is answered once its notification is durable (:meth:`Store.receive`). The planner then
+routes and renders each one (:func:`~receiver.pipeline.plan_notification`, as of the time of
+receipt) and stores its messages in the transaction that removes it. A notification that cannot
+be planned (only a bug can cause that: its body was validated on receipt) is kept with its error,
+counted and shown by the API; it never blocks the others.
+
+Planning shares the event loop with the webhook answers. While webhooks are being answered it
+takes at most :data:`SHARE` of the loop (it pauses after each notification for four times as
+long as that one took): Alertmanager gives up on a slow answer and retries, so in a storm the
+answers come first, and the planner catches up from the durable backlog as soon as the storm
+passes. It never stops: a storm that never ends still gets its pages planned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from receiver.ingest import parse_webhook
 from receiver.metrics import Metrics
 from receiver.models import NewMessage, Notification
-from receiver.pipeline import Plan, Snapshot, plan_received
+from receiver.pipeline import Plan, Snapshot, plan_notification
 from receiver.routing import RoutingResult
-from receiver.store import Store, StoreError
+from receiver.store import Planned, Store, StoreError
 
 log = logging.getLogger("sms_receiver.planner")
 
-BATCH = 100  # inbox rows per transaction: short write locks, few commits
+BATCH = 100  # notifications per transaction
+SHARE = 0.2  # of the event loop's time, at most, while webhooks are being answered
 
 
 class Planner:
-    """Needs no clock: a notification is planned as of the time it was received."""
-
     def __init__(self, *, store: Store, snapshot: Callable[[], Snapshot], metrics: Metrics,
-                 planned: Callable[[], None]) -> None:
+                 planned: Callable[[], None], answering: Callable[[], bool] = lambda: False) -> None:
         self._store = store
+        self._answering = answering  # webhooks are being answered now
         self._snapshot = snapshot
         self._metrics = metrics
-        self._planned = planned  # new messages are in the outbox (wakes the dispatcher)
+        self._planned = planned  # new messages are stored (wakes the dispatcher)
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one pass at a time (drain() may run beside run())
         self.last_error: str | None = None
@@ -60,63 +66,46 @@ class Planner:
             pass
 
     async def run_once(self) -> int:
-        """Plan the oldest inbox rows; returns how many were taken (planned or failed)."""
+        """Plan the oldest received notifications; returns how many were taken."""
         async with self._lock:
-            return await self._pass()
-
-    async def _pass(self) -> int:
-        """Inbox rows first (kept from an older release, or ``:memory:``), then the journal."""
-        try:
-            rows = await self._store.inbox(BATCH)
-            batch = None if rows else await self._store.unplanned(BATCH)
-        except StoreError as exc:
-            self._error(exc)
-            return 0
-        if batch is not None:
-            rows = batch.rows
-            if not rows and batch.after is None:
-                return 0
-        snap = self._snapshot()
-        done, failed = [], []
-        plans: dict[int, tuple[Notification, Plan]] = {}  # counted and logged once committed
-        for row in rows:
             try:
-                notification = parse_webhook(row.body, row.source)
-                plan, dropped = plan_received(notification, row.plan, snap, row.received_at)
-            except Exception as exc:  # the body was validated on receipt: only a bug lands here
-                log.exception("cannot plan received notification %s; kept in the inbox", row.plan[:40])
-                failed.append((row.id, f"{type(exc).__name__}: {exc}"))
-                continue
-            for group_id in dropped:
-                log.warning("group %s was removed from the config after a notification was "
-                            "received: its message is dropped", group_id)
-            plans[row.id] = (notification, plan)
-            done.append((row.id, plan.messages, row.received_at))
-        try:
-            if batch is None:
-                await self._store.planned(done, failed)
-                replays: set[int] = set()
-            else:
-                replays = await self._store.planned_unplanned(batch, done, failed)
-        except StoreError as exc:
-            self._error(exc)  # nothing moved on: planned again next pass
-            return 0
-        self.last_error = None
-        for row_id, (notification, plan) in plans.items():
-            if row_id in replays:  # older than the web process remembered: the outbox knew it
-                log.info("replayed %s notification dropped: group_key=%r", notification.source,
-                         notification.group_key)
-                self._metrics.count_replay(plan.routing)
-                continue
-            self._metrics.count_planned(plan.messages)
-            _count_unrouted(self._metrics, notification, plan.routing)
-            log.info("planned %s notification: alerts=%d group_key=%r messages=%s",
-                     notification.source, len(notification.alerts), notification.group_key,
-                     ",".join(_describe(m) for m in plan.messages) or "-")
-        self._metrics.planning_failures.inc(len(failed))
-        if len(replays) < len(done):
+                rows = await self._store.unplanned(BATCH)
+            except StoreError as exc:
+                self._error(exc)
+                return 0
+            if not rows:
+                return 0
+            snap = self._snapshot()
+            plans: list[Planned] = []
+            counted: list[tuple[Notification, Plan]] = []
+            for row in rows:
+                started = time.perf_counter()
+                try:
+                    notification = parse_webhook(row.body, row.source)  # type: ignore[arg-type]
+                    plan = plan_notification(notification, row.id, snap, row.received_at)
+                except Exception as exc:  # noqa: BLE001 - validated on receipt: only a bug lands here
+                    log.exception("cannot plan notification %s; it is kept with its error", row.id)
+                    plans.append(Planned(row.id, row.received_at, error=f"{type(exc).__name__}: {exc}"))
+                else:
+                    plans.append(Planned(row.id, row.received_at, plan.messages))
+                    counted.append((notification, plan))
+                spent = time.perf_counter() - started
+                await asyncio.sleep(spent * (1 / SHARE - 1) if self._answering() else 0)
+            try:
+                await self._store.planned(plans)
+            except StoreError as exc:
+                self._error(exc)  # nothing moved on: planned again next pass
+                return 0
+            self.last_error = None
+            for notification, plan in counted:
+                self._metrics.count_planned(plan.messages)
+                _count_unrouted(self._metrics, notification, plan.routing)
+                log.info("planned %s notification: alerts=%d group_key=%r messages=%s",
+                         notification.source, len(notification.alerts), notification.group_key,
+                         ",".join(_describe(m) for m in plan.messages) or "-")
+            self._metrics.planning_failures.inc(len(plans) - len(counted))
             self._planned()
-        return max(len(rows), 1)
+            return len(rows)
 
     def _error(self, exc: StoreError) -> None:
         if self.last_error is None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import jinja2
@@ -35,8 +35,13 @@ from jinja2.sandbox import SandboxedEnvironment
 from receiver.encoding import fit
 from receiver.models import Alert, GroupDelivery, Notification, SmsText
 
-if TYPE_CHECKING:
-    from receiver.config import Group
+
+class GroupInfo(Protocol):
+    """What a template sees of the group it renders for (a config ``Group`` is one)."""
+
+    id: str
+    name: str
+    level: str | None
 
 
 def _zone(tz: str) -> ZoneInfo | timezone:
@@ -193,7 +198,7 @@ def _alert_dict(a: Alert) -> dict[str, Any]:
 
 
 def build_context(
-    notification: Notification, delivery: GroupDelivery, group: Group, now: float
+    notification: Notification, delivery: GroupDelivery, group: GroupInfo, now: float
 ) -> dict[str, Any]:
     """The template context of PRODUCT.md for one group's share of a notification.
 

@@ -29,15 +29,15 @@ from receiver.config import AdminAuth, Config, parse_duration
 from receiver.ingest import (
     InvalidPayload,
     SendItem,
+    dedup_key,
     notification_of,
     parse_send,
     validate_webhook,
-    webhook_key,
 )
-from receiver.metrics import merge_expositions
-from receiver.pipeline import inbox_plan, new_message_id, plan_send
+from receiver.models import MESSAGE_STATES
+from receiver.pipeline import new_message_id, plan_send
 from receiver.routing import route
-from receiver.store import MESSAGE_STATES, MessageQuery, MessageRecord, StoreError
+from receiver.store import MessageQuery, MessageRecord, Received, StoreError
 
 log = logging.getLogger("sms_receiver.web")
 
@@ -137,8 +137,8 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
     now = r.clock.now()
     nid = new_message_id(now)
     try:
-        fresh = await r.store.receive(webhook_key(wire, source), source, now, cfg.dedup_window,
-                                      body, inbox_plan(nid))
+        fresh = await r.store.receive(Received(nid, now, source, body), dedup_key(wire, source),
+                                      cfg.dedup_window)
     except StoreError as exc:
         return done("store_error", _error(503, "could not store the notification; retry"),
                     error=repr(str(exc)))
@@ -147,21 +147,30 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
         return {"alerts": len(wire.alerts), "group_key": repr(wire.groupKey),
                 "notification": nid if fresh else "-"}
 
-    if not fresh:  # rare: routed here only to count what the replay would have sent
+    if not fresh:  # routed here only to count what the replay would have sent
         m.count_replay(route(notification_of(wire, source), cfg))
         return done("duplicate", web.Response(body=b'{"status":"duplicate"}', headers=_JSON), about)
-    r.wake_planner()
-    # written out rather than json.dumps'd (the id is hex): json_response costs ~9 µs
+    r.planner.wake()
+    # written out rather than json.dumps'd (the id is hex)
     answer = f'{{"status":"accepted","notification":"{nid}"}}'
     return done("accepted", web.Response(body=answer.encode(), headers=_JSON), about)
 
 
+async def _counted(request: web.Request, source: Literal["alertmanager", "grafana"]) -> web.Response:
+    r = request.app[RECEIVER]
+    r.answering += 1  # the planner yields to webhook answers
+    try:
+        return await _webhook(request, source)
+    finally:
+        r.answering -= 1
+
+
 async def alertmanager_webhook(request: web.Request) -> web.Response:
-    return await _webhook(request, "alertmanager")
+    return await _counted(request, "alertmanager")
 
 
 async def grafana_webhook(request: web.Request) -> web.Response:
-    return await _webhook(request, "grafana")
+    return await _counted(request, "grafana")
 
 
 @admin
@@ -189,7 +198,7 @@ async def send(request: web.Request) -> web.Response:
             answers.append({"index": i, "groupId": gid, "status": "rejected", "error": error})
             continue
         assert isinstance(item, SendItem)
-        msg = plan_send(item, snap, now)
+        msg = plan_send(item, snap, now, new_message_id(now))
         messages.append(msg)
         answers.append({
             "index": i, "groupId": item.groupId, "status": "accepted", "messageId": msg.id,
@@ -200,11 +209,11 @@ async def send(request: web.Request) -> web.Response:
         r.metrics.webhooks.labels("send", "invalid").inc()
         return _json({"status": "error", "results": answers}, 422)
     try:
-        await r.store.accept(f"send:{messages[0].id}", "send", now, 0.0, messages)
+        await r.store.accept(messages, now)
     except StoreError:
         r.metrics.webhooks.labels("send", "store_error").inc()
         return _error(503, "could not store the messages; retry")
-    r.wake_dispatcher()
+    r.dispatcher.wake()
     r.metrics.webhooks.labels("send", "accepted").inc()
     r.metrics.count_planned(messages)
     partial = len(messages) < len(items)
@@ -398,7 +407,7 @@ async def status(request: web.Request) -> web.Response:
         }
     except StoreError as exc:
         outbox = {"error": str(exc)}
-    health = await r.health()
+    health = r.health()
     return _json({
         "version": __version__,
         "dryRun": cfg.dry_run,
@@ -410,7 +419,6 @@ async def status(request: web.Request) -> web.Response:
         "dispatcher": {
             "lastRunAgeSeconds": None if health.last_run_age is None else round(health.last_run_age, 3),
             "lastError": health.error,
-            "process": "worker" if r.worker is not None else "web",
         },
         "config": {
             "lastReloadSuccessful": r.last_reload_ok,
@@ -432,6 +440,9 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def healthy(request: web.Request) -> web.Response:
+    broken = request.app[RECEIVER].store.broken
+    if broken is not None:  # the process is stopping to be restarted
+        return web.Response(status=503, text=f"not healthy: the outbox failed: {broken}\n")
     return web.Response(text="sms-receiver is Healthy.\n")
 
 
@@ -441,7 +452,7 @@ async def ready(request: web.Request) -> web.Response:
         await r.store.ping()
     except StoreError as exc:
         return web.Response(status=503, text=f"not ready: store: {exc}\n")
-    health = await r.health()
+    health = r.health()
     if not health.running:
         return web.Response(status=503, text="not ready: the dispatcher loop is not running\n")
     if health.error:
@@ -461,10 +472,8 @@ async def metrics(request: web.Request) -> web.Response:
         for state in MESSAGE_STATES:
             r.metrics.outbox_messages.labels(state).set(stats.by_state.get(state, 0))
         r.metrics.held_recipients.set(stats.held_recipients)
-        r.metrics.inbox.set(stats.inbox)
+        r.metrics.unplanned.set(stats.unplanned)
     body = generate_latest(r.metrics.registry)
-    if r.worker is not None:  # the worker's counters (sent, failed, …) added to this process's
-        body = merge_expositions(body, await r.worker.metrics())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 
 from receiver.app import Receiver
-from receiver.fake_clickatell import FakeState
-from receiver.fake_clickatell import create_app as create_fake_app
+from fake_clickatell import FakeState
+from fake_clickatell import create_app as create_fake_app
 from receiver.web import create_app
 from tests.helpers import make_config
 

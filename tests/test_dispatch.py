@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
-from receiver.clickatell import proxy_for
+from receiver.clickatell import ClickatellClient, Kind
 from tests.conftest import eventually, planned
 from tests.helpers import fixture
 
@@ -107,7 +107,7 @@ async def test_wrong_key_holds_pages_until_reload(start_receiver, fake, http, ca
     from tests.helpers import BASE
     path = tmp_path / "reload.yaml"
     cfg = rx.receiver.config
-    path.write_text(yaml.safe_dump({**BASE, "storage": cfg.storage, "clickatell": {
+    path.write_text(yaml.safe_dump({**BASE, "storage": cfg.storage.url, "clickatell": {
         "api_key": "fixed-key", "base_url": cfg.clickatell.base_url}}))
     rx.receiver.config_path = path
     async with http.post(f"{rx.url}/-/reload") as r:
@@ -171,11 +171,25 @@ async def test_http_and_one_api_types(start_receiver, fake, http):
     assert apis == {"http", "one_api"}
 
 
-def test_proxy_comes_from_the_environment_once_and_honours_no_proxy():
-    env = {"HTTPS_PROXY": "http://proxy.corp:3128", "http_proxy": "http://plain:80",
-           "NO_PROXY": "localhost, .internal.example"}
-    assert proxy_for("https://platform.clickatell.com", env) == "http://proxy.corp:3128"
-    assert proxy_for("http://127.0.0.1:9000", env) == "http://plain:80"
-    assert proxy_for("https://sms.internal.example", env) is None
-    assert proxy_for("https://localhost:8443", env) is None
-    assert proxy_for("https://platform.clickatell.com", {}) is None
+async def test_the_proxy_comes_from_the_environment_and_no_proxy_is_honoured(fake, monkeypatch):
+    """httpx reads HTTP(S)_PROXY and NO_PROXY when the client is made: the fake, acting as the
+    proxy, gets the request for a host that does not resolve; NO_PROXY sends it direct (and it
+    fails to connect)."""
+    monkeypatch.setenv("HTTP_PROXY", fake.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    via_proxy = ClickatellClient(base_url="http://clickatell.invalid", api="rest", timeout=5)
+    monkeypatch.setenv("NO_PROXY", "clickatell.invalid")
+    direct = ClickatellClient(base_url="http://clickatell.invalid", api="rest", timeout=5)
+    try:
+        outcome = await via_proxy.send(api_key="k", to=["886911960999"], content="via proxy",
+                                       client_message_id="m1")
+        assert outcome.kind is Kind.OK and outcome.recipients[0].accepted
+        assert [m["content"] for m in fake.state.messages] == ["via proxy"]
+        outcome = await direct.send(api_key="k", to=["886911960999"], content="direct",
+                                    client_message_id="m2")
+        assert outcome.kind is Kind.TRANSIENT and outcome.http_status is None
+        assert len(fake.state.messages) == 1
+    finally:
+        await via_proxy.aclose()
+        await direct.aclose()

@@ -289,7 +289,7 @@ async def test_reload_keeps_old_config_on_error(start_receiver, http, tmp_path: 
         assert "sms_receiver_config_last_reload_successful 0.0" in await r.text()
 
     new = {**BASE, "groups": [*BASE["groups"], {"id": "new", "members": ["+886911960999"]}],
-           "storage": rx.receiver.config.storage}
+           "storage": rx.receiver.config.storage.url}
     path.write_text(yaml.safe_dump(new))
     async with http.post(f"{rx.url}/-/reload") as r:
         assert r.status == 200

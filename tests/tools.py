@@ -3,6 +3,7 @@ CI, skipped elsewhere) and the receiver itself as a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -86,25 +87,37 @@ class ReceiverProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, http: aiohttp.ClientSession) -> None:
+    def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start it in a process group of its own (what kill9 kills), without waiting."""
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "receiver", "run", "--config", str(self.config),
                  "--listen", f"127.0.0.1:{self.port}"],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
+        return self.proc
 
-        await until_ready(http, self.url)
+    async def start(self, http: aiohttp.ClientSession, env: dict[str, str] | None = None) -> None:
+        proc = self.spawn(env)
 
-    def workers(self) -> list[int]:
-        """Pids of the worker process(es) it started."""
-        assert self.proc is not None
-        return [int(pid) for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
+        async def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the receiver exited with {proc.returncode}:\n"
+                                     + self.log.read_text(errors="replace")[-3000:])
+            try:
+                async with http.get(f"{self.url}/-/ready") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(ready, timeout=20)
 
     def kill9(self) -> None:
+        """SIGKILL to every process of the receiver (its process group)."""
         assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:

@@ -2,15 +2,21 @@
 ``reference/clickatell-api.md``: REST ``POST /messages``, HTTP ``GET /messages/http/send``, One API
 ``POST /v1/message``, balances and message status, with switchable error modes.
 
+A tool for trying the receiver without an account and for its tests, kept outside the runtime
+package ``receiver`` (which never imports it).
+
 Control endpoints (the fake's own, under ``/_fake/``):
 
 - ``GET /_fake/messages``: every accepted SMS (api, to, content, from, clientMessageId,
   apiMessageId, received_at);
-- ``GET /_fake/requests``: send requests counted by API and HTTP status;
+- ``GET /_fake/requests``: send requests counted by API and HTTP status, and ``in_flight``:
+  send requests received and not answered yet;
 - ``POST /_fake/mode``: JSON with any of ``global_error`` (``{"code": 108, "status": 401}`` or
   null), ``reject_numbers`` (``{"886911960998": 105}``), ``fail_next`` (``{"count": 2,
-  "status": 503, "retry_after": 1}``), ``delay`` (seconds before each send answer),
-  ``balance``, ``currency``;
+  "status": 503, "retry_after": 1}``), ``delay`` (seconds before each send is processed),
+  ``answer_delay`` (seconds between accepting a send's messages and answering it: the window
+  in which a sender that dies has had its SMS sent without learning so), ``balance``,
+  ``currency``;
 - ``POST /_fake/reset``: forget messages, counters and modes.
 """
 
@@ -29,8 +35,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-
-from receiver.config import split_listen
 
 log = logging.getLogger("fake_clickatell")
 
@@ -72,6 +76,8 @@ class FakeState:
     reject_numbers: dict[str, int] = field(default_factory=dict)  # msisdn → per-recipient code
     fail_next: dict[str, Any] = field(default_factory=dict)  # {"count", "status", "retry_after"}
     delay: float = 0.0
+    answer_delay: float = 0.0
+    in_flight: int = 0
     balance: float = 1267.92865
     currency: str = "ZAR"
     status_callback_url: str | None = None
@@ -80,7 +86,8 @@ class FakeState:
     by_api_id: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.global_error, self.reject_numbers, self.fail_next, self.delay = None, {}, {}, 0.0
+        self.global_error, self.reject_numbers, self.fail_next = None, {}, {}
+        self.delay = self.answer_delay = 0.0
         self.messages.clear()
         self.requests.clear()
         self.by_api_id.clear()
@@ -289,10 +296,12 @@ async def fake_messages(request: web.Request) -> web.Response:
 
 
 async def fake_requests(request: web.Request) -> web.Response:
-    return web.json_response(dict(request.app[STATE_KEY].requests))
+    state = request.app[STATE_KEY]
+    return web.json_response({**state.requests, "in_flight": state.in_flight})
 
 
-_MODE_FIELDS = ("global_error", "reject_numbers", "fail_next", "delay", "balance", "currency")
+_MODE_FIELDS = ("global_error", "reject_numbers", "fail_next", "delay", "answer_delay", "balance",
+                "currency")
 
 
 async def fake_mode(request: web.Request) -> web.Response:
@@ -329,8 +338,27 @@ async def _session(app: web.Application):  # cleanup context
     await app[SESSION_KEY].close()
 
 
+_SENDS = frozenset({"/messages", "/messages/http/send", "/v1/message"})
+
+
+@web.middleware
+async def _in_flight(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Counts send requests being handled, and holds their answer for ``answer_delay``."""
+    if request.path not in _SENDS:
+        return await handler(request)
+    state = request.app[STATE_KEY]
+    state.in_flight += 1
+    try:
+        response = await handler(request)
+        if state.answer_delay:
+            await asyncio.sleep(state.answer_delay)
+        return response
+    finally:
+        state.in_flight -= 1
+
+
 def create_app(state: FakeState | None = None) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_in_flight])
     app[STATE_KEY] = state or FakeState()
     app.cleanup_ctx.append(_session)
     app.router.add_post("/messages", rest_send)
@@ -358,7 +386,22 @@ async def serve(host: str, port: int, state: FakeState) -> None:
         await runner.cleanup()
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9098)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sms-receiver fake-clickatell",
+        description="A local stand-in for Clickatell that prints what it receives.")
+    _add_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:9098", help="HOST:PORT (default 127.0.0.1:9098)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[:TYPE]",
                         help="accept only these keys (TYPE rest|http|one_api, default rest); default: any key")
@@ -371,7 +414,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status-callback", metavar="URL", help="POST delivery reports here")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     keys = None
     if args.api_key:
@@ -392,7 +435,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                       delay=args.delay, balance=args.balance, currency=args.currency,
                       status_callback_url=args.status_callback)
     try:
-        host, port = split_listen(args.listen, default_host="127.0.0.1")
+        host, port = _split_listen(args.listen)
     except ValueError as exc:
         print(f"--listen: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,3 @@
+from fake_clickatell import main
+
+raise SystemExit(main())

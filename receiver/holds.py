@@ -1,0 +1,196 @@
+"""The paging policy applied to what is stored: which recipients the throttle lets through or
+holds, and what held messages go out as once their hold ends.
+
+The decisions are pure functions over plain data the store reads (the claimed or held
+:class:`~receiver.store.MessageRecord` rows, each number's :class:`~receiver.store.NumberHistory`)
+that return the :class:`~receiver.store.Changes` to write; :func:`gate` and :func:`release` read,
+decide and write. The rules themselves are :mod:`receiver.paging` (throttle, quiet hours,
+digests) and :mod:`receiver.summary` (the texts).
+
+Reads and the write that follows are separate transactions, which is sound while one dispatcher
+decides for a store: the embedded store has one process (its file lock), and the dispatcher runs
+:func:`release` and :func:`gate` one after the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from receiver.models import AlertStatus, NewMessage
+from receiver.paging import Throttle, hold_kind
+from receiver.store import Changes, Fold, MessageRecord, NumberHistory, Store
+from receiver.summary import Entry, Summary, bundle, count_alerts, digest
+
+IdSource = Callable[[float], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    ready: list[MessageRecord]  # claimed messages with recipients to send to now
+    changes: Changes
+    throttled: dict[str, int]  # recipients held, per group
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """One summary made from held messages (``message_id`` None: all of it collapsed)."""
+
+    kind: Literal["bundle", "digest", "quiet_hours"]
+    group_id: str
+    message_id: str | None
+    held_messages: int
+    alerts: int
+    collapsed: int
+
+
+def ungated(claimed: Sequence[MessageRecord]) -> list[str]:
+    """The numbers of claimed recipients the throttle has not seen yet."""
+    return sorted({r.number for m in claimed for r in m.recipients
+                   if r.state == "pending" and not r.admitted})
+
+
+def admit(claimed: Sequence[MessageRecord], histories: Mapping[str, NumberHistory],
+          throttle: Throttle, now: float) -> Admission:
+    """Clear or hold each claimed recipient the throttle has not seen yet. One storm puts the
+    same numbers in many claimed messages: each number's history is kept up to date here."""
+    numbers = {n: (list(h.sent_at), h.holding) for n, h in histories.items()}
+    sends: list[str] = []
+    admitted: list[tuple[str, str]] = []
+    holds: list[tuple[str, str, float]] = []
+    throttled: dict[str, int] = {}
+    ready: list[MessageRecord] = []
+    for m in claimed:
+        recipients = []
+        for r in m.recipients:
+            if r.state != "pending" or r.admitted:
+                recipients.append(r)
+                continue
+            history, holding = numbers.setdefault(r.number, ([], False))
+            until = throttle.admit(history, holding, m.priority, m.created_at, now)
+            if until is None:
+                history.append(now)
+                sends.append(r.number)
+                admitted.append((m.id, r.number))
+                recipients.append(replace(r, admitted=True))
+            else:
+                numbers[r.number] = (history, True)
+                holds.append((m.id, r.number, until))
+                throttled[m.group_id] = throttled.get(m.group_id, 0) + 1
+                recipients.append(replace(r, state="held", hold_until=until, updated_at=now))
+        m = replace(m, recipients=tuple(recipients))
+        if m.pending_numbers:
+            ready.append(m)
+    changes = Changes(now, sends=tuple(sends), admitted=tuple(admitted), holds=tuple(holds))
+    return Admission(ready, changes, throttled)
+
+
+def _entry(m: MessageRecord) -> Entry:
+    return Entry(m.id, m.created_at, m.priority, m.level, m.status, m.text, m.items)
+
+
+def _summary_message(new_id: IdSource, now: float, group_id: str, entries: Sequence[Entry],
+                     summary: Summary, recipients: Sequence[str], *, admitted: bool) -> NewMessage:
+    top = min(entries, key=lambda e: (e.priority, e.created_at))
+    firing = any(i.status == "firing" for e in entries for i in e.keyed_items())
+    return NewMessage(
+        id=new_id(now), group_id=group_id, level=top.level,
+        status=AlertStatus.FIRING if firing else AlertStatus.RESOLVED, sms=summary.sms,
+        recipients=tuple(recipients), source="summary", alert_count=summary.alerts,
+        priority=top.priority, items=tuple(i for e in entries for i in e.items), admitted=admitted,
+    )
+
+
+def release_groups(held: Sequence[MessageRecord], max_parts: int, new_id: IdSource,
+                   now: float) -> tuple[Changes, list[Released]]:
+    """Digest windows and quiet periods that ended: one summary per group and reason, to the
+    recipients still waiting, or nothing when every held alert fired and resolved meanwhile."""
+    by_group: dict[tuple[str, str], list[MessageRecord]] = {}
+    for m in held:
+        by_group.setdefault((m.group_id, m.hold_reason or ""), []).append(m)
+    messages: list[NewMessage] = []
+    folds: list[Fold] = []
+    out: list[Released] = []
+    for (group_id, reason), group in by_group.items():
+        ids = tuple(m.id for m in group)
+        entries = [_entry(m) for m in group]
+        summary = digest(entries, reason, max_parts)
+        numbers = sorted({n for m in group for n in m.pending_numbers})
+        kind = hold_kind(reason)
+        if summary is None or not numbers:
+            folds.append(Fold(ids, None))
+            alerts = summary.alerts if summary else count_alerts(entries)
+            out.append(Released(kind, group_id, None, len(ids), alerts,
+                                summary.collapsed if summary else alerts))
+            continue
+        message = _summary_message(new_id, now, group_id, entries, summary, numbers, admitted=False)
+        messages.append(message)
+        folds.append(Fold(ids, message.id))
+        out.append(Released(kind, group_id, message.id, len(ids), summary.alerts, summary.collapsed))
+    return Changes(now, messages=tuple(messages), folds=tuple(folds)), out
+
+
+def release_numbers(due: Mapping[str, Sequence[MessageRecord]], histories: Mapping[str, NumberHistory],
+                    throttle: Throttle, max_parts: int, new_id: IdSource,
+                    now: float) -> tuple[Changes, list[Released]]:
+    """Numbers whose throttle hold is due: one bundle each if the rules (or an urgent message's
+    deadline) allow it now; otherwise their holds move to when they will."""
+    messages: list[NewMessage] = []
+    sends: list[str] = []
+    holds: list[tuple[str, str, float]] = []
+    folds: list[Fold] = []
+    out: list[Released] = []
+    for number, held in due.items():
+        entries = [_entry(m) for m in held]
+        history = histories.get(number, NumberHistory([], True)).sent_at
+        at = throttle.release_at(history, [throttle.deadline(e.priority, e.created_at) for e in entries], now)
+        if at > now:  # sends since the hold was set pushed it back
+            holds += [(m.id, number, at) for m in held]
+            continue
+        ids = tuple(m.id for m in held)
+        group_id = min(held, key=lambda m: (m.priority, m.created_at)).group_id
+        summary = bundle(entries, max_parts)
+        if summary is None:
+            folds.append(Fold(ids, None, number))
+            alerts = count_alerts(entries)
+            out.append(Released("bundle", group_id, None, len(ids), alerts, alerts))
+            continue
+        message = _summary_message(new_id, now, group_id, entries, summary, [number], admitted=True)
+        messages.append(message)
+        sends.append(number)
+        folds.append(Fold(ids, message.id, number))
+        out.append(Released("bundle", group_id, message.id, len(ids), summary.alerts, summary.collapsed))
+    changes = Changes(now, messages=tuple(messages), sends=tuple(sends), holds=tuple(holds),
+                      folds=tuple(folds))
+    return changes, out
+
+
+async def gate(store: Store, claimed: list[MessageRecord], throttle: Throttle, now: float) -> Admission:
+    """Run freshly claimed messages through the throttle; the admission is stored before any
+    of it is sent."""
+    numbers = ungated(claimed) if throttle.rules else []
+    if not numbers:
+        return Admission(claimed, Changes(now), {})
+    admission = admit(claimed, await store.history(numbers, now - throttle.horizon), throttle, now)
+    if admission.changes:
+        await store.apply(admission.changes)
+    return admission
+
+
+async def release(store: Store, throttle: Throttle, max_parts: int, new_id: IdSource,
+                  now: float) -> list[Released]:
+    """Turn the holds that are due into summaries (or later holds), each kind in one write."""
+    out: list[Released] = []
+    held = await store.held_messages(now)
+    if held:
+        changes, released = release_groups(held, max_parts, new_id, now)
+        await store.apply(changes)
+        out += released
+    due = await store.held_numbers(now)
+    if due:
+        histories = await store.history(list(due), now - throttle.horizon)
+        changes, released = release_numbers(due, histories, throttle, max_parts, new_id, now)
+        await store.apply(changes)
+        out += released
+    return out
