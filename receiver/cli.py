@@ -58,9 +58,9 @@ async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
         stop.set()
 
     receiver.on_broken = on_broken
-    await receiver.start()
     runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
     try:
+        await receiver.start()
         await runner.setup()
         host, port = split_listen(listen)
         await web.TCPSite(runner, host, port, backlog=1024).start()

@@ -103,3 +103,15 @@ print("ok")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_check_config_refuses_a_storage_run_could_not_open(tmp_path: Path):
+    """check-config accepts exactly what run can run: sqlite:// without a file, options or a
+    PostgreSQL URL are errors in both, not an OK followed by a start that fails or loses pages."""
+    for url, problem in (("sqlite://", "names no file"), ("postgresql://sms@db/sms", "not available")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"storage: {url!r}\n")
+        checked = cli("check-config", str(cfg))
+        assert checked.returncode == 1 and checked.stdout.startswith("storage: ") and problem in checked.stdout
+        ran = cli("run", "--config", str(cfg), "--listen", "127.0.0.1:0")
+        assert ran.returncode == 1 and problem in ran.stderr

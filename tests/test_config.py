@@ -123,3 +123,72 @@ def test_group_level_defaults_to_most_urgent():
 def test_default_template_always_present():
     cfg = make_config(templates={"other": "x"})
     assert set(cfg.templates) == {"default", "other"}
+
+
+@pytest.mark.parametrize("url,problem", [
+    ("sqlite://", "names no file"),
+    ("sqlite:///var/lib/x/", "names no file"),
+    ("sqlite://:memory:", "names no file"),
+    ("sqlite:///x.db?busy_timeout=1s", "takes no options"),
+    ("postgresql://sms@db:5432/sms", "not available in this release"),
+    ("mysql://x", "is not a storage URL"),
+])
+def test_storage_is_exactly_what_run_can_open(url, problem):
+    errs = errors_of(f"storage: {url!r}\n")
+    assert len(errs) == 1 and errs[0].startswith("storage: ") and problem in errs[0], errs
+
+
+def test_storage_paths():
+    assert make_config(storage="sqlite:///var/lib/x.db").storage.path == "/var/lib/x.db"
+    assert make_config(storage="sqlite://data/x.db").storage.path == "data/x.db"
+    assert str(make_config(storage="sqlite://data/x.db").storage) == "sqlite://data/x.db"
+
+
+def _keys(model: type, prefix: str = "") -> list[str]:
+    """Every config key as a dotted path (``groups[].quiet_hours.start``); values with a syntax
+    of their own (``{username, password}``, ``{digest: 15m}``, ``{count, window}``) are one key."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from receiver.config.model import BasicAuth, Delivery, ThrottleRule
+
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{field.alias or name}"
+        args = typing.get_args(field.annotation)
+        inner = next((a for a in (field.annotation, *args, *[x for a in args for x in typing.get_args(a)])
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if inner is None or inner in (BasicAuth, Delivery, ThrottleRule):
+            out.append(path)
+        else:
+            listed = typing.get_origin(field.annotation) is tuple
+            out += _keys(inner, f"{path}[]." if listed else f"{path}.")
+    return out
+
+
+def test_every_config_key_is_in_the_readme_table():
+    """A key is documented by a row of its own, or named in the row of the nearest enclosing key
+    that has one (``groups[]``'s row names ``quiet_hours``' ``timezone``)."""
+    import re
+
+    from receiver.config import Config
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("### Templates")]
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            first = line.split("|")[1]
+            for key in re.findall(r"`([^`]+)`", first):
+                rows[key] = line
+    missing = []
+    for path in _keys(Config):
+        if path in rows:
+            continue
+        parts = path.split(".")
+        enclosing = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                          if ".".join(parts[:i]) in rows), None)
+        if enclosing is None or f"`{parts[-1]}`" not in rows[enclosing]:
+            missing.append(path)
+    assert missing == [], f"config keys missing from the README's Configuration table: {missing}"

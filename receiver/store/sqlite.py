@@ -65,6 +65,7 @@ def lock(path: str) -> int:
     """Hold ``<path>.lock`` exclusively for as long as this process lives (the kernel drops the
     lock when it dies, however it dies); return its descriptor. Raise :class:`StoreError`
     naming the path and the holder's pid when another process has it."""
+    path = os.path.abspath(path)
     name = f"{path}.lock"
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
