@@ -54,5 +54,6 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("aiohttp.client").setLevel(logging.WARNING)  # never request URLs (keys)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Libraries that log request URLs at INFO: the HTTP API's carry the key, the number and the text
+    for name in ("aiohttp.client", "aiohttp.access", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

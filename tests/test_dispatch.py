@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
+
+import pytest
 
 from receiver.clickatell import ClickatellClient, Kind
+from receiver.clock import FakeClock
 from tests.conftest import eventually, planned
 from tests.helpers import fixture
 
@@ -42,6 +45,16 @@ async def metric(http, rx, line_start: str) -> float:
     raise AssertionError(f"no series {line_start}")
 
 
+async def counted(http, rx, series: str, value: float) -> None:
+    """Wait for ``series`` to reach ``value``: the dispatcher counts a result after the store
+    has it, so the API can show the message's state before its counters move."""
+    async def reached() -> bool:
+        return await metric(http, rx, series) >= value
+
+    await eventually(reached)
+    assert await metric(http, rx, series) == value
+
+
 async def test_transient_503_is_retried_until_sent(start_receiver, fake, http):
     await fake.mode(http, fail_next={"count": 2, "status": 503})
     rx = await start_receiver()
@@ -53,20 +66,39 @@ async def test_transient_503_is_retried_until_sent(start_receiver, fake, http):
 
 
 async def test_429_retry_after_is_respected(start_receiver, fake, http):
+    """The dispatcher is driven pass by pass under a clock the test moves: when the retry is
+    scheduled, and that no request goes out before it, are read from the receiver and the fake."""
     await fake.mode(http, fail_next={"count": 1, "status": 429, "retry_after": 1})
-    rx = await start_receiver()
+    clock = FakeClock()
+    rx = await start_receiver(receiver_kwargs={"clock": clock}, run_dispatcher=False)
     mid = await accept(http, rx)
 
-    async def failed_once():
-        return (await message(http, rx, mid))["lastError"] is not None
+    async def dispatch() -> None:  # one pass, its sends finished
+        await rx.receiver.dispatcher.run_once()
+        await rx.receiver.dispatcher.drain()
 
-    await eventually(failed_once)
+    async def requests() -> dict:
+        async with http.get(f"{fake.url}/_fake/requests") as r:
+            return {k: v for k, v in (await r.json()).items() if k != "in_flight"}
+
+    await dispatch()
+    failed_at = clock.now()
     pending = await message(http, rx, mid)
     assert pending["state"] == "pending" and "HTTP 429" in pending["lastError"]
-    retry_in = (datetime.fromisoformat(pending["nextAttemptAt"]) - datetime.now(timezone.utc)).total_seconds()
-    assert retry_in > 0.5  # Retry-After: 1 wins over the 20 ms backoff
-    msg = await wait_state(http, rx, mid, "sent", timeout=5)
-    assert msg["attempts"] == 2
+    assert pending["attempts"] == 1 and await requests() == {"rest 429": 1}
+    retry_at = datetime.fromisoformat(pending["nextAttemptAt"]).timestamp()
+    assert retry_at - failed_at == pytest.approx(1.0, abs=0.001)  # Retry-After: 1 wins over the 20 ms backoff
+
+    clock.advance(0.9)  # before Retry-After: not sent again
+    await dispatch()
+    assert (await message(http, rx, mid))["attempts"] == 1
+    assert await requests() == {"rest 429": 1} and await fake.messages(http) == []
+
+    clock.advance(0.1)
+    await dispatch()
+    msg = await message(http, rx, mid)
+    assert (msg["state"], msg["attempts"]) == ("sent", 2)
+    assert len(await fake.messages(http)) == 2  # both members, in the one retry
 
 
 async def test_per_recipient_rejection_fails_only_that_recipient(start_receiver, fake, http):
@@ -79,7 +111,7 @@ async def test_per_recipient_rejection_fails_only_that_recipient(start_receiver,
     assert by_number["+886911960998"]["state"] == "failed"
     assert by_number["+886911960998"]["errorCode"] == "105"
     assert msg["attempts"] == 1  # no retry for a permanent per-recipient error
-    assert await metric(http, rx, 'sms_receiver_sms_failed_total{group="db",reason="rejected"}') == 1
+    await counted(http, rx, 'sms_receiver_sms_failed_total{group="db",reason="rejected"}', 1)
     assert await metric(http, rx, 'sms_receiver_clickatell_errors_total{code="105"}') == 1
 
 
@@ -122,7 +154,7 @@ async def test_persistent_failure_becomes_dead_letter(start_receiver, fake, http
     msg = await wait_state(http, rx, mid, "dead", timeout=5)
     assert "not accepted within" in msg["lastError"]
     assert all(r["state"] == "failed" for r in msg["recipients"])
-    assert await metric(http, rx, 'sms_receiver_dead_letters_total{group="db"}') == 1
+    await counted(http, rx, 'sms_receiver_dead_letters_total{group="db"}', 1)
     async with http.get(f"{rx.url}/api/v1/messages?status=dead") as r:
         assert [m["id"] for m in (await r.json())["messages"]] == [mid]
 

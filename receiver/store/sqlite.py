@@ -75,6 +75,9 @@ def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a COMMIT is on disk when it returns
+    # Sorts and statement journals in memory, never in a temporary file: the process may have no
+    # writable directory but the outbox's (a read-only root filesystem, tests/test_deploy.py)
+    conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
 

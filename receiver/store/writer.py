@@ -34,9 +34,10 @@ T = TypeVar("T")
 Outcome = list[tuple[bool, Any]] | BaseException
 
 # Extended codes of a write that did not happen: ENOSPC, EFBIG, EIO on write(), a failed truncate
-# or shared-memory growth, no memory for the I/O.
+# or shared-memory growth, no memory for the I/O, no directory for a temporary file.
 _NOT_WRITTEN = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_TRUNCATE,
-                sqlite3.SQLITE_IOERR_SHMSIZE, sqlite3.SQLITE_IOERR_NOMEM}
+                sqlite3.SQLITE_IOERR_SHMSIZE, sqlite3.SQLITE_IOERR_NOMEM,
+                sqlite3.SQLITE_IOERR_GETTEMPPATH}
 _BROKEN = {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 

@@ -1,0 +1,445 @@
+"""deploy/kubernetes/ as the kubelet runs it, simulated on this machine: the real receiver, started
+with the Deployment's container args, under its security context, with only its outbox volume
+writable.
+
+A private mount namespace (``unshare --mount``) stands in for the container: the outbox volume is
+a mount of its own, ``/`` is remounted read-only (``readOnlyRootFilesystem``, so neither ``/tmp``
+nor ``/var/tmp`` is writable), ``/dev/shm`` is a fresh tmpfs (a pod has its own), and
+``setpriv`` drops to ``runAsUser``, the primary group (``runAsGroup``, else 0 as Kubernetes
+does), ``fsGroup`` as the supplementary group, no capabilities (``drop: [ALL]``) and
+``no_new_privs`` (``allowPrivilegeEscalation: false``). The mounts go away with the process.
+
+The container paths (the config volume, the outbox volume) live under a scratch directory in
+/var/tmp (pytest's tmp_path is not traversable for another uid): ``/var/lib/sms-receiver``
+becomes ``<scratch>/var/lib/sms-receiver``, in the args, the env and the storage URL alike. The
+outbox directory is what a PersistentVolume looks like after the kubelet applied ``fsGroup``:
+owned by root, group ``fsGroup``, mode 2775.
+
+The receiver's config is the ConfigMap's, with ``${VAR}``s from the example Secret (the
+Deployment's ``envFrom``); only the listen address, Clickatell's URL (the fake) and the
+groups/routes of the other tests are replaced.
+
+Needs root, ``unshare`` and ``setpriv`` (util-linux): skipped without them, except in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from receiver.models import AlertStatus, NewMessage, SmsText
+from receiver.store.sqlite import SQLiteStore
+from tests.conftest import Fake, eventually
+from tests.helpers import BASE, fixture
+from tests.tools import ROOT, free_port, need
+
+K8S = ROOT / "deploy" / "kubernetes"
+CONTAINER = "sms-receiver"
+# What the image (deploy/Dockerfile) adds to the container's environment: its ENV and the home
+# directory of its user (the outbox volume).
+IMAGE_ENV = {"PYTHONUNBUFFERED": "1"}
+IMAGE_HOME = "/var/lib/sms-receiver"
+# What an SQLite outbox is: the file, its WAL and shared-memory index, the lock of its owner.
+OUTBOX_FILES = {"outbox.db", "outbox.db-wal", "outbox.db-shm", "outbox.db.lock"}
+
+
+def load(name: str) -> dict[str, Any]:
+    (doc,) = [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return doc
+
+
+def under(path: str, mount: str) -> bool:
+    return PurePosixPath(path).is_relative_to(mount)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the Deployment (and its ConfigMap and Secret) say about how the receiver runs."""
+
+    pod: dict[str, Any]  # spec.template.spec
+    container: dict[str, Any]
+    volumes: dict[str, dict[str, Any]]  # by name
+    mounts: dict[str, dict[str, Any]]  # the container's volumeMounts, by volume name
+    config: dict[str, Any]  # the ConfigMap's config file, parsed
+    secret: dict[str, str]  # the example Secret's stringData
+
+    @classmethod
+    def read(cls) -> Manifest:
+        deployment = load("deployment.yaml")
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == CONTAINER]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        config_volume = volumes[cls._config_volume(mounts, volumes)]["configMap"]
+        configmap = load("configmap.yaml")
+        assert configmap["metadata"]["name"] == config_volume["name"]
+        key = PurePosixPath(cls._arg(container, "--config")).name
+        config = yaml.safe_load(configmap["data"][key])
+        secret = load("secret.example.yaml")["stringData"]
+        return cls(pod, container, volumes, mounts, config, secret)
+
+    @staticmethod
+    def _config_volume(mounts: dict[str, Any], volumes: dict[str, Any]) -> str:
+        (name,) = [n for n in mounts if "configMap" in volumes[n]]
+        return name
+
+    @staticmethod
+    def _arg(container: dict[str, Any], flag: str) -> str:
+        args = container["args"]
+        return args[args.index(flag) + 1]
+
+    def security(self, key: str, default: Any = None) -> Any:
+        """A securityContext setting: the container's, else the pod's."""
+        for context in (self.container.get("securityContext", {}), self.pod.get("securityContext", {})):
+            if key in context:
+                return context[key]
+        return default
+
+    @property
+    def uid(self) -> int:
+        return int(self.security("runAsUser"))
+
+    @property
+    def gid(self) -> int:
+        return int(self.security("runAsGroup", 0))  # Kubernetes: 0 unless runAsGroup says
+
+    @property
+    def groups(self) -> list[int]:
+        context = self.pod.get("securityContext", {})
+        extra = [context["fsGroup"]] if "fsGroup" in context else []
+        return sorted({int(g) for g in extra + list(context.get("supplementalGroups", []))})
+
+    @property
+    def config_path(self) -> str:
+        return self._arg(self.container, "--config")
+
+    @property
+    def config_mount(self) -> str:
+        return self.mounts[self._config_volume(self.mounts, self.volumes)]["mountPath"]
+
+    @property
+    def writable_mounts(self) -> list[dict[str, Any]]:
+        return [m for m in self.mounts.values() if not m.get("readOnly")]
+
+    @property
+    def data_mount(self) -> str:
+        (mount,) = self.writable_mounts
+        return mount["mountPath"]
+
+    @property
+    def storage_path(self) -> str:
+        url = self.config["storage"]
+        assert url.startswith("sqlite:///"), url
+        return url.removeprefix("sqlite://").split("?")[0]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The container's environment: the image's, the Secret's (``envFrom``), its ``env``."""
+        out = {**IMAGE_ENV, "HOME": IMAGE_HOME}
+        for source in self.container.get("envFrom", []):
+            assert "secretRef" in source, source  # the example Secret is the only source
+            out.update(self.secret)
+        out.update({e["name"]: str(e["value"]) for e in self.container.get("env", [])})
+        return out
+
+
+MANIFEST = Manifest.read()
+
+
+def test_the_manifest_runs_the_receiver_locked_down():
+    """What the simulation below relies on, and what it would hide if it changed."""
+    m = MANIFEST
+    assert m.pod["securityContext"]["runAsNonRoot"] is True
+    assert m.uid != 0
+    assert m.security("readOnlyRootFilesystem") is True
+    assert m.security("allowPrivilegeEscalation") is False
+    assert m.container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert m.container["args"][0] == "run"
+    # one writable volume, the outbox's persistent volume; no emptyDir for /tmp or anything else
+    assert len(m.writable_mounts) == 1
+    assert "persistentVolumeClaim" in m.volumes[m.writable_mounts[0]["name"]]
+    assert not [v for v in m.volumes.values() if "emptyDir" in v or "hostPath" in v]
+    # the config the args name is the ConfigMap's, and the outbox is on the writable volume
+    assert under(m.config_path, m.config_mount)
+    assert under(m.storage_path, m.data_mount), (
+        f"storage {m.storage_path} is not on the writable volume {m.data_mount}")
+    # the volume's group is fsGroup, the only way a non-root uid may write it
+    assert m.groups, "no fsGroup: a fresh PersistentVolume is root's, and the uid cannot write it"
+
+
+# ---------------------------------------------------------------------------------------------
+# The container, simulated
+
+# Runs as root in the new mount namespace, then execs setpriv (its arguments follow the data
+# directory): the volume becomes a mount of its own, which stays writable when / turns read-only.
+NAMESPACE = r"""
+set -eu
+data=$1; shift
+mount --bind "$data" "$data"
+mount -o remount,bind,ro /
+mount -t tmpfs -o nosuid,nodev,mode=1777,size=64m shm /dev/shm
+cd /
+exec "$@"
+"""
+
+PROBE = r"""
+import errno, json, os, sys, tempfile
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+out = {"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()), "cwd": os.getcwd(),
+       "cap_eff": int(status["CapEff"], 16), "cap_bnd": int(status["CapBnd"], 16),
+       "no_new_privs": int(status["NoNewPrivs"]), "writable": {}}
+for d in sys.argv[1:]:
+    try:
+        fd, name = tempfile.mkstemp(dir=d)
+    except OSError as exc:
+        out["writable"][d] = errno.errorcode[exc.errno]
+    else:
+        os.close(fd)
+        os.unlink(name)
+        out["writable"][d] = "yes"
+import receiver.cli, aiohttp  # this uid can read the code and the venv
+print(json.dumps(out))
+"""
+
+
+class Pod:
+    """The container's view of the machine, under ``scratch``; see the module docstring."""
+
+    def __init__(self, m: Manifest, scratch: Path, unshare: str, setpriv: str) -> None:
+        self.m, self.scratch = m, scratch
+        self.unshare, self.setpriv = unshare, setpriv
+        self.data = self.host(m.data_mount)
+        self.config = self.host(m.config_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def host(self, path: str) -> Path:
+        """Where a container path under one of its volumes is on this machine."""
+        assert any(under(path, mount["mountPath"]) for mount in self.m.mounts.values()), path
+        return self.scratch / path.lstrip("/")
+
+    def _relocated(self, value: str) -> str:
+        mounts = [mount["mountPath"] for mount in self.m.mounts.values()]
+        return str(self.host(value)) if any(under(value, p) for p in mounts) else value
+
+    def prepare(self, config: dict[str, Any]) -> None:
+        """The volumes as the kubelet hands them over: the ConfigMap's file read-only for all,
+        the outbox volume root's with the group ``fsGroup`` (mode 2775)."""
+        for d in (self.scratch, self.config.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(config))
+        self.data.mkdir(parents=True)
+        self.fs_group()
+        for d in [self.config.parent, *self.config.parents, *self.data.parents]:
+            if d.is_relative_to(self.scratch):
+                d.chmod(0o755)
+        self.config.chmod(0o644)
+
+    def fs_group(self) -> None:
+        """What the kubelet does to a volume for ``fsGroup``: group-owned, group-writable,
+        setgid directories."""
+        (group, *_) = self.m.groups
+        for path in [self.data, *self.data.rglob("*")]:
+            os.chown(path, 0 if path == self.data else -1, group)
+            mode = stat.S_IMODE(path.stat().st_mode) | 0o060
+            path.chmod(mode | 0o2010 if path.is_dir() else mode)
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                **{k: self._relocated(v) for k, v in self.m.env.items()}}
+
+    def command(self, argv: list[str]) -> list[str]:
+        groups = ",".join(map(str, self.m.groups))
+        return [self.unshare, "--mount", "--propagation", "private", "--",
+                "sh", "-c", NAMESPACE, "pod", str(self.data),
+                self.setpriv, f"--reuid={self.m.uid}", f"--regid={self.m.gid}",
+                f"--groups={groups}" if groups else "--clear-groups",
+                "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--", *argv]
+
+    def receiver_argv(self) -> list[str]:
+        """The image's entrypoint (``sms-receiver``) with the Deployment's args."""
+        return [sys.executable, "-m", "receiver", *map(self._relocated, self.m.container["args"])]
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(argv), env=self.env(), capture_output=True, text=True,
+                              timeout=30, start_new_session=True, check=False)
+
+    def spawn(self, log: Path) -> subprocess.Popen[bytes]:
+        # unshare, sh and setpriv each exec the next: this pid is the receiver's
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(self.command(self.receiver_argv()), env=self.env(),
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.proc
+
+    def stop(self) -> int | None:
+        """SIGTERM to its process group, SIGKILL after 10 s; its exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def pod() -> Iterator[Pod]:
+    unshare, setpriv = need("unshare"), need("setpriv")
+    tried = subprocess.run([unshare, "--mount", "--propagation", "private", "true"],
+                           capture_output=True, text=True, timeout=30, check=False)
+    if os.geteuid() != 0 or tried.returncode != 0:
+        why = f"needs root allowed to unshare --mount (euid {os.geteuid()}: {tried.stderr.strip()})"
+        if os.environ.get("CI"):
+            pytest.fail(f"tests/test_deploy.py {why}; CI runs as root")
+        pytest.skip(why)
+    scratch = Path(tempfile.mkdtemp(prefix="sms-receiver-pod-", dir="/var/tmp"))
+    p = Pod(MANIFEST, scratch, unshare, setpriv)
+    try:
+        yield p
+    finally:
+        p.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def pod_config(pod: Pod, fake: Fake, port: int) -> dict[str, Any]:
+    """The ConfigMap's config, sending to the fake and paging the groups of the other tests."""
+    cfg = dict(pod.m.config)
+    cfg["listen"] = f"127.0.0.1:{port}"
+    cfg["storage"] = f"sqlite://{pod.host(pod.m.storage_path)}"
+    cfg["clickatell"] = {**cfg["clickatell"], "base_url": fake.url, "timeout": "2s"}
+    cfg.update({k: BASE[k] for k in ("groups", "routes", "default_groups", "paging")})
+    return cfg
+
+
+async def started(pod: Pod, http: aiohttp.ClientSession, url: str, log: Path) -> subprocess.Popen[bytes]:
+    proc = pod.spawn(log)
+    path = pod.m.container["readinessProbe"]["httpGet"]["path"]
+
+    async def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the receiver exited with {proc.returncode}:\n"
+                                 + log.read_text(errors="replace")[-3000:])
+        try:
+            async with http.get(f"{url}{path}") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await eventually(ready, timeout=20)
+    return proc
+
+
+def records(log: Path) -> list[dict[str, Any]]:
+    """The receiver's log (``log_format: json`` in the ConfigMap), one record a line."""
+    return [json.loads(line) for line in log.read_text(errors="replace").splitlines()
+            if line.startswith("{")]
+
+
+def test_the_simulated_container_can_write_its_volume_and_nothing_else(pod: Pod, fake: Fake):
+    pod.prepare(pod_config(pod, fake, free_port()))
+    places = {"/tmp": "/tmp", "/var/tmp": "/var/tmp", "/": "/", "config": str(pod.config.parent),
+              "data": str(pod.data), "/dev/shm": "/dev/shm"}
+    done = pod.run([sys.executable, "-c", PROBE, *places.values()])
+    assert done.returncode == 0, (
+        f"as uid {MANIFEST.uid} (the checkout and {sys.prefix} must be readable by all):\n{done.stderr}")
+    seen = json.loads(done.stdout)
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (MANIFEST.uid, MANIFEST.gid, MANIFEST.groups)
+    assert (seen["cap_eff"], seen["cap_bnd"], seen["no_new_privs"]) == (0, 0, 1)
+    writable = {name: seen["writable"][path] for name, path in places.items()}
+    assert writable == {"/tmp": "EROFS", "/var/tmp": "EROFS", "/": "EROFS", "config": "EROFS",
+                        "data": "yes", "/dev/shm": "yes"}
+    assert list(pod.data.iterdir()) == []
+
+
+async def test_the_receiver_starts_and_pages_with_only_its_volume_writable(
+        pod: Pod, fake: Fake, http: aiohttp.ClientSession, tmp_path: Path):
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "receiver.log"
+    pod.prepare(pod_config(pod, fake, port))
+    proc = await started(pod, http, url, log)
+    async with http.get(f"{url}{MANIFEST.container['livenessProbe']['httpGet']['path']}") as r:
+        assert r.status == 200
+
+    token = MANIFEST.secret["WEBHOOK_TOKEN"]  # the ConfigMap's webhook_auth, expanded
+    async with http.post(f"{url}/webhook/alertmanager", data=fixture("alertmanager-0.25-firing.json"),
+                         headers={"Authorization": f"Bearer {token}",
+                                  "Content-Type": "application/json"}) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["status"] == "accepted"
+
+    async def paged() -> bool:
+        return bool(await fake.messages(http))
+
+    await eventually(paged, timeout=10)
+    (sms,) = await fake.messages(http)  # group "web": one member
+    assert sms["to"] == "14155550123"
+    assert "HighLatency" in sms["content"]
+
+    # what it wrote: its outbox, on the volume (the root is read-only; /dev/shm is the pod's own)
+    assert {p.name for p in pod.data.iterdir()} <= OUTBOX_FILES
+    assert {"outbox.db", "outbox.db.lock"} <= {p.name for p in pod.data.iterdir()}
+    assert os.listdir(f"/proc/{proc.pid}/root/dev/shm") == []
+    assert {p.relative_to(pod.scratch) for p in pod.scratch.rglob("*") if p.is_file()
+            and not p.is_relative_to(pod.data)} == {pod.config.relative_to(pod.scratch)}
+    assert not [r for r in records(log) if r["level"] in ("error", "critical")], log.read_text()
+
+    assert pod.stop() == 0  # SIGTERM: a clean shutdown, its last checkpoint included
+    assert {p.name for p in pod.data.iterdir()} <= OUTBOX_FILES
+
+
+def finished_message(i: int) -> NewMessage:
+    """A message that is finished as soon as it is stored (its delivery suppressed)."""
+    return NewMessage(id=f"{i:016x}00", group_id="web", level="critical", status=AlertStatus.FIRING,
+                      sms=SmsText("old page", "GSM-7", 1), recipients=("+14155550123",),
+                      source="alertmanager", alert_count=1, suppressed=True)
+
+
+async def test_the_receiver_prunes_past_retention_with_only_its_volume_writable(
+        pod: Pod, fake: Fake, http: aiohttp.ClientSession, tmp_path: Path):
+    """A retention pass deletes up to 10,000 messages in one transaction: SQLite spills its
+    statement journal to a temporary file, which must have somewhere to go."""
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "receiver.log"
+    pod.prepare(pod_config(pod, fake, port))
+    store = SQLiteStore(str(pod.host(MANIFEST.storage_path)))  # a week's pages, long past retention
+    await store.open()
+    try:
+        await store.accept([finished_message(i) for i in range(2000)], 1000.0)
+    finally:
+        await store.close()
+    pod.fs_group()  # what the kubelet does to the volume at every mount
+
+    proc = await started(pod, http, url, log)  # and it prunes at once
+
+    async def pruned() -> bool:
+        assert proc.poll() is None, f"the receiver exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        return any(r["msg"].startswith("pruned ") for r in records(log))
+
+    await eventually(pruned, timeout=20)
+    admin = {"Authorization": f"Bearer {MANIFEST.secret['ADMIN_TOKEN']}"}
+    async with http.get(f"{url}/api/v1/messages", headers=admin) as r:
+        assert r.status == 200
+        assert (await r.json())["messages"] == []
+    async with http.get(f"{url}/-/ready") as r:
+        assert r.status == 200
+    assert {p.name for p in pod.data.iterdir()} <= OUTBOX_FILES
+    assert pod.stop() == 0
