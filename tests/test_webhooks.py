@@ -298,3 +298,27 @@ async def test_reload_keeps_old_config_on_error(start_receiver, http, tmp_path: 
         text = await r.text()
     assert "sms_receiver_config_last_reload_successful 1.0" in text
     assert 'sms_receiver_sms_sent_total{group="new"} 0.0' in text
+
+
+async def test_the_planner_yields_to_answers_but_never_stops(start_receiver, fake, http):
+    """A storm that never ends (webhooks being answered all the time) still gets its pages
+    planned and sent: the planner takes a share of the loop, not what is left of it."""
+    rx = await start_receiver(settle=False)
+    rx.receiver.answering += 1  # as if a webhook were always being answered
+    try:
+        answers = []
+        for i in range(20):
+            body = json.loads(fixture("alertmanager-0.25-firing.json"))
+            body["groupKey"] = f"storm-{i}"
+            status, answer, _ = await post(http, f"{rx.url}/webhook/alertmanager", json.dumps(body).encode())
+            assert status == 200
+            answers.append(answer)
+        for answer in answers:
+            await planned(http, rx.url, answer)
+
+        async def sent() -> bool:
+            return len(await fake.messages(http)) == 20
+
+        await eventually(sent)
+    finally:
+        rx.receiver.answering -= 1
