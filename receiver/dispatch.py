@@ -16,9 +16,11 @@ permanent (100, 101, 113 …)   the remaining recipients failed
 still pending at max_age      dead letter: visible in the API and counted
 ============================  ============================================================
 
-A result the store cannot take (a full disk) is kept and recorded as soon as it can be; until
-then its message is never claimed again by this process, so nothing Clickatell accepted is sent
-twice for it. Without an API key (dry-run) a message is logged and recorded as ``dry_run``.
+The dispatcher never claims a message it is still sending (a send slower than ``dispatch.lease``
+must not go out twice). A result the store cannot take (a full disk) is kept and recorded as soon
+as it can be; until then its message is not claimed again either, so nothing Clickatell accepted
+is sent twice while the process lives. Without an API key (dry-run) a message is logged and
+recorded as ``dry_run``.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class Dispatcher:
         self._clock = clock
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[asyncio.Task[None], str] = {}  # delivery task → its message id
         # results Clickatell gave that the store could not take yet, by message id
         self._unrecorded: dict[str, tuple[MessageRecord, Result]] = {}
         self.last_run: float | None = None  # monotonic time of the last loop pass (readiness)
@@ -139,7 +141,9 @@ class Dispatcher:
                     self._store, snap.throttle, snap.config.clickatell.max_parts, new_message_id, now))
             if room <= 0:
                 return 0
-            claimed = await self._store.claim(now, room, cfg.lease, exclude=list(self._unrecorded))
+            # neither a message being sent nor one whose result waits to be recorded: ours still
+            claimed = await self._store.claim(now, room, cfg.lease,
+                                              exclude=[*self._inflight.values(), *self._unrecorded])
             admission = await holds.gate(self._store, claimed, snap.throttle, now)
         except StoreError as exc:
             if self.last_error is None:
@@ -151,7 +155,7 @@ class Dispatcher:
             self._metrics.sms_throttled.labels(gid).inc(n)
         for message in admission.ready:
             task = asyncio.create_task(self._deliver(message))
-            self._inflight.add(task)
+            self._inflight[task] = message.id
             task.add_done_callback(self._done)
         return len(claimed)
 
@@ -174,7 +178,7 @@ class Dispatcher:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+        self._inflight.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
         self._wake.set()  # room for another claim

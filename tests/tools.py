@@ -1,15 +1,22 @@
 """Real processes for the tests: external tools (Debian's Alertmanager, promtool: required in
-CI, skipped elsewhere) and the receiver itself as a subprocess."""
+CI, skipped elsewhere), the receiver itself as a subprocess, and what its SQLite file holds once
+it is dead."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +25,20 @@ import pytest
 import yaml
 
 from tests.conftest import API_KEY, eventually
-from tests.helpers import BASE
+from tests.helpers import BASE, fixture
 
 ROOT = Path(__file__).parent.parent
+# Group "db" of BASE, as Clickatell sees its members (MSISDN, no "+"): alert_body pages both.
+DB_MEMBERS = ("886911960999", "886911960998")
 
 
-def need(binary: str) -> str:
+def need(binary: str, package: str = "prometheus prometheus-alertmanager") -> str:
     path = shutil.which(binary)
     if path:
         return path
     if os.environ.get("CI"):
         pytest.fail(f"{binary} is required in CI (.ci/run installs it)")
-    pytest.skip(f"{binary} is not installed (apt-get install prometheus prometheus-alertmanager)")
+    pytest.skip(f"{binary} is not installed (apt-get install {package})")
 
 
 def free_port() -> int:
@@ -113,6 +122,15 @@ class ReceiverProcess:
 
         await eventually(ready, timeout=20)
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill9(self) -> None:
         """SIGKILL to every process of the receiver (its process group)."""
         assert self.proc is not None
@@ -120,8 +138,91 @@ class ReceiverProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    async def exited(self, timeout: float = 20) -> int:
+        """Wait for the process to exit by itself; its exit status."""
+        proc = self.proc
+        assert proc is not None
+
+        async def gone() -> bool:
+            return proc.poll() is not None
+
+        await eventually(gone, timeout=timeout)
+        return proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
     def stop(self) -> None:
         if self.proc:
             terminate(self.proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Payloads and the outbox file, for the crash tests
+
+
+def alert_body(name: str, bulk: int = 0) -> bytes:
+    """An Alertmanager notification of its own (alertname ``name``, its own group key and
+    fingerprint: never a replay of another) that pages group "db" (both DB_MEMBERS).
+    ``bulk``: that many more bytes, in an annotation the SMS text does not show."""
+    body = json.loads(fixture("alertmanager-0.25-firing.json"))
+    alert = body["alerts"][0]
+    alert["labels"] = {"alertname": name, "team": "db", "severity": "warning", "instance": "db-1:9100"}
+    if bulk:
+        alert["annotations"]["description"] = "x" * bulk
+    alert["fingerprint"] = name
+    body["groupKey"] = f'{{}}:{{alertname="{name}"}}'
+    body["groupLabels"] = {"alertname": name}
+    body["commonLabels"] = dict(alert["labels"])
+    return json.dumps(body).encode()
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """What a receiver's SQLite file holds."""
+
+    recorded: frozenset[tuple[str, str]]  # (message id, MSISDN) whose acceptance by Clickatell is recorded
+    states: Counter[str]  # messages by state
+    messages: frozenset[str]  # message ids
+    notifications: frozenset[str]  # notification ids received and not planned yet
+
+    @cached_property
+    def _answered(self) -> frozenset[str]:
+        # the ids the messages answer to: a notification's (its messages' ids are its 27
+        # characters and 8 more), or a /send message's own
+        return frozenset(m[:27] for m in self.messages)
+
+    def holds(self, answered: str) -> bool:
+        """Is what was answered (a notification id, a /send message id) in the file: not
+        planned yet, or planned into messages?"""
+        return answered in self.notifications or answered in self._answered
+
+
+def read_outbox(db: Path) -> Outbox:
+    """Read the SQLite file ``db`` of a receiver that is not running (killed, stopped).
+
+    A copy of the file and its WAL is read, never the file itself: closing the last connection
+    to a WAL database checkpoints it and deletes the WAL, and the next receiver must find the
+    files exactly as the dead one left them (and recover them itself)."""
+    with tempfile.TemporaryDirectory(prefix="outbox-copy-") as scratch:
+        copy = Path(scratch) / db.name
+        for suffix in ("", "-wal"):
+            if Path(f"{db}{suffix}").exists():
+                shutil.copyfile(f"{db}{suffix}", f"{copy}{suffix}")
+        conn = sqlite3.connect(copy)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "recipients" not in tables:  # killed before its schema was committed
+                return Outbox(frozenset(), Counter(), frozenset(), frozenset())
+            recorded = frozenset(
+                (mid, number.lstrip("+")) for mid, number in conn.execute(
+                    "SELECT message_id, number FROM recipients "
+                    "WHERE state IN ('accepted','delivered','undelivered')"))
+            states = Counter(dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state")))
+            messages = frozenset(r[0] for r in conn.execute("SELECT id FROM messages"))
+            notifications = frozenset(r[0] for r in conn.execute("SELECT id FROM notifications"))
+        finally:
+            conn.close()
+    return Outbox(recorded, states, messages, notifications)
 
 

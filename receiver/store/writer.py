@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 from receiver.store import StoreError
 
 T = TypeVar("T")
-Outcome = list[tuple[bool, Any]] | BaseException
+Outcome = tuple[list[tuple[bool, Any]], bool] | BaseException  # (results, wrote) or the failure
 
 # Extended codes of a write that did not happen: ENOSPC, EFBIG, EIO on write(), a failed truncate
 # or shared-memory growth, no memory for the I/O, no directory for a temporary file.
@@ -92,7 +92,7 @@ class Writer:
                  on_commit: Callable[[], None] = lambda: None) -> None:
         self.conn: sqlite3.Connection | None = None
         self._on_commit = on_commit  # in the loop, after each successful commit
-        self.failing: str | None = None  # why the last commit failed, until one succeeds
+        self.failing: str | None = None  # why the last commit failed, until one that wrote succeeds
         self.broken: str | None = None  # a fault that ended this writer
         self._on_broken = on_broken
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=name)
@@ -151,9 +151,12 @@ class Writer:
                 outcome = exc
             loop.call_soon_threadsafe(self._settle, batch, outcome)
 
-    def _apply(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+    def _apply(self, batch: list[_Op]) -> tuple[list[tuple[bool, Any]], bool]:
+        """The batch's results, and whether its commit wrote anything (a commit of no change
+        writes nothing to disk, so it says nothing of whether writes work)."""
         conn = self.conn
         assert conn is not None
+        changes = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
             try:
@@ -182,7 +185,7 @@ class Writer:
             except sqlite3.Error:
                 pass  # SQLite rolled back already (a failed COMMIT), or cannot: the fault says
             raise
-        return results
+        return results, conn.total_changes != changes
 
     def _settle(self, batch: list[_Op], outcome: Outcome) -> None:
         """In the loop: answer the writes of a batch."""
@@ -198,9 +201,11 @@ class Writer:
                 if not op.future.done():
                     op.future.set_exception(error)
             return
-        self.failing = None
+        results, wrote = outcome
+        if wrote:
+            self.failing = None
         self._on_commit()
-        for op, (ok, value) in zip(batch, outcome):
+        for op, (ok, value) in zip(batch, results):
             if op.future.done():
                 continue
             if ok:
