@@ -46,7 +46,7 @@ from receiver.models import AlertStatus, NewMessage, SmsText
 from receiver.store.sqlite import SQLiteStore
 from tests.conftest import Fake, eventually
 from tests.helpers import BASE, fixture
-from tests.tools import ROOT, free_port, need
+from tests.tools import ROOT, free_port, need, until_ready
 
 K8S = ROOT / "deploy" / "kubernetes"
 CONTAINER = "sms-receiver"
@@ -332,19 +332,8 @@ def pod_config(pod: Pod, fake: Fake, port: int) -> dict[str, Any]:
 
 async def started(pod: Pod, http: aiohttp.ClientSession, url: str, log: Path) -> subprocess.Popen[bytes]:
     proc = pod.spawn(log)
-    path = pod.m.container["readinessProbe"]["httpGet"]["path"]
-
-    async def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the receiver exited with {proc.returncode}:\n"
-                                 + log.read_text(errors="replace")[-3000:])
-        try:
-            async with http.get(f"{url}{path}") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await eventually(ready, timeout=20)
+    await until_ready(http, url, proc=proc, log=log,
+                      path=pod.m.container["readinessProbe"]["httpGet"]["path"])
     return proc
 
 

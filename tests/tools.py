@@ -47,12 +47,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def until_ready(http: aiohttp.ClientSession, url: str, timeout: float = 20) -> None:
-    """Wait for ``GET {url}/-/ready`` to answer 200 (the receiver and Alertmanager both have it)."""
+async def until_ready(http: aiohttp.ClientSession, url: str, timeout: float = 20,
+                      proc: subprocess.Popen[bytes] | None = None, log: Path | None = None,
+                      path: str = "/-/ready") -> None:
+    """Wait for ``GET {url}{path}`` to answer 200 (the receiver and Alertmanager both have it);
+    fail at once, with the end of ``log``, should ``proc`` exit meanwhile."""
 
     async def ready() -> bool:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+            raise AssertionError(f"the process exited with {proc.returncode}:\n{tail}")
         try:
-            async with http.get(f"{url}/-/ready") as r:
+            async with http.get(f"{url}{path}") as r:
                 return r.status == 200
         except aiohttp.ClientError:
             return False
@@ -108,19 +114,7 @@ class ReceiverProcess:
         return self.proc
 
     async def start(self, http: aiohttp.ClientSession, env: dict[str, str] | None = None) -> None:
-        proc = self.spawn(env)
-
-        async def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"the receiver exited with {proc.returncode}:\n"
-                                     + self.log.read_text(errors="replace")[-3000:])
-            try:
-                async with http.get(f"{self.url}/-/ready") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await eventually(ready, timeout=20)
+        await until_ready(http, self.url, proc=self.spawn(env), log=self.log)
 
     @property
     def pid(self) -> int:
