@@ -1,11 +1,9 @@
 """CPU per Clickatell request of the receiver's client, against the fake on loopback.
 
-    python bench/client_cost.py [--requests 3000] [--httpx]
+    python bench/client_cost.py [--requests 3000]
 
-Sends REST sends of 5 recipients, 16 at a time (the dispatcher's default concurrency), through
-``ClickatellClient`` and prints the client process's CPU time per request. ``--httpx`` also
-measures a plain ``httpx.AsyncClient`` doing the same requests (if httpx is installed), the
-client the receiver used before (docs/PERFORMANCE.md).
+Sends REST sends of 5 recipients, 16 at a time (the benchmark's dispatch.concurrency), through
+``ClickatellClient`` (httpx) and prints the client process's CPU time per request.
 """
 
 from __future__ import annotations
@@ -39,8 +37,8 @@ async def measure(name: str, send: Callable[[], Awaitable[None]], count: int) ->
     print(f"{name:10} {cpu / count * 1e6:7.0f} µs of CPU per request  ({count / wall:,.0f} requests/s)")
 
 
-async def main(url: str, count: int, with_httpx: bool) -> None:
-    client = ClickatellClient(base_url=url, api="rest", timeout=10)
+async def main(url: str, count: int) -> None:
+    client = ClickatellClient(base_url=url, api="rest", timeout=10, max_connections=16)
 
     async def receiver_client() -> None:
         outcome = await client.send(api_key="bench-key", to=NUMBERS, content="[WARNING] 1 firing",
@@ -51,27 +49,16 @@ async def main(url: str, count: int, with_httpx: bool) -> None:
         await measure("receiver", receiver_client, count)
     finally:
         await client.aclose()
-    if with_httpx:
-        import httpx  # not a dependency: only for the comparison
-
-        body = {"content": "[WARNING] 1 firing", "to": NUMBERS, "clientMessageId": "bench"}
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as h:
-            async def plain_httpx() -> None:
-                r = await h.post(url + "/messages", json=body, headers={"Authorization": "bench-key"})
-                assert r.status_code == 202 and r.json()
-
-            await measure("httpx", plain_httpx, count)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--httpx", action="store_true")
     args = parser.parse_args()
     import tempfile
 
     fake = bench.Fake(Path(tempfile.mkdtemp(prefix="client-cost-")))
     try:
-        asyncio.run(main(fake.url, args.requests, args.httpx))
+        asyncio.run(main(fake.url, args.requests))
     finally:
         fake.proc.stop()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from receiver import gc_tuning
 from receiver.clickatell import ClickatellClient, ClickatellError
@@ -31,7 +32,7 @@ PRUNE_INTERVAL = 300.0  # seconds between retention passes
 class Health:
     running: bool  # the dispatcher loop ran recently
     last_run_age: float | None  # seconds since it last ran
-    error: str | None  # the planner's or dispatcher's last store error
+    error: str | None  # the dispatcher's and the planner's last errors, each named
 
 
 class Receiver:
@@ -48,9 +49,12 @@ class Receiver:
         self.config_path = Path(config_path) if config_path else None
         self.clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
-        # called once if the store breaks (an I/O fault): the process must stop and be restarted
-        self.on_broken: Callable[[str], None] = lambda reason: None
-        self.store = store or open_store(config.storage, on_broken=lambda reason: self.on_broken(reason))
+        # Why this receiver can no longer do its job (the store broke, a background task died):
+        # set once, shown by /-/healthy; ``on_fatal`` is told, and the CLI exits 1 to be restarted.
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[str], None] = lambda reason: None
+        self.store = store or open_store(
+            config.storage, on_broken=lambda reason: self._fail(f"the outbox failed ({reason})"))
         self._snapshot = Snapshot.build(config)
         self._client = self._new_client(config)
         self._retired: dict[asyncio.Task[None], ClickatellClient] = {}  # replaced by a reload
@@ -110,11 +114,30 @@ class Receiver:
         for warning in config_warnings(cfg):
             log.warning("%s", warning)
         if plan:
-            self._tasks.append(asyncio.create_task(self.planner.run(), name="planner"))
+            self._spawn(self.planner.run(), "planner")
         if dispatch:
-            self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
-            self._tasks.append(asyncio.create_task(self._poll_balances(), name="balance"))
-            self._tasks.append(asyncio.create_task(self._prune_forever(), name="prune"))
+            self._spawn(self.dispatcher.run(), "dispatcher")
+            self._spawn(self._poll_balances(), "balance")
+            self._spawn(self._prune_forever(), "prune")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._ended)
+        self._tasks.append(task)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A background task runs until it is cancelled: one that ended otherwise (a bug that
+        escaped its own handling) stopped its stage for good, so the process must restart."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.critical("the %s stopped: %r", task.get_name(), exc, exc_info=exc)
+        self._fail(f"the {task.get_name()} stopped: {exc!r}")
+
+    def _fail(self, reason: str) -> None:
+        if self.fatal is None:
+            self.fatal = reason
+            self.on_fatal(reason)
 
     @staticmethod
     def accounts(cfg: Config) -> dict[str, str]:
@@ -180,10 +203,12 @@ class Receiver:
         """How the planner and the dispatcher are doing."""
         last = self.dispatcher.last_run
         age = None if last is None else self.clock.monotonic() - last
+        errors = [f"{name}: {error}" for name, error in (("dispatcher", self.dispatcher.last_error),
+                                                         ("planner", self.planner.last_error)) if error]
         return Health(
             running=age is not None and age <= max(5.0, 3 * self.config.dispatch.poll_interval),
             last_run_age=age,
-            error=self.dispatcher.last_error or self.planner.last_error,
+            error="; ".join(errors) or None,
         )
 
     async def stop(self) -> None:
@@ -191,9 +216,7 @@ class Receiver:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for task, client in list(self._retired.items()):
-            task.cancel()
-            await client.aclose()
+        await asyncio.gather(*self._retired)  # the sends that held them are done
         await self._client.aclose()
         await self.store.close()
 
@@ -217,12 +240,8 @@ class Receiver:
             if (new.clickatell.model_dump(), new.dispatch.concurrency) != (
                     old.clickatell.model_dump(), old.dispatch.concurrency):
                 previous, self._client = self._client, self._new_client(new)
-
-                async def retire() -> None:  # requests in flight on the old client finish first
-                    await asyncio.sleep(old.clickatell.timeout + 1)
-                    await previous.aclose()
-
-                task = asyncio.create_task(retire(), name="retire client")
+                # closed once the sends that hold it are done (a message's requests finish on it)
+                task = asyncio.create_task(previous.aclose(), name="retire client")
                 self._retired[task] = previous
                 task.add_done_callback(lambda t: self._retired.pop(t, None))
             self._init_metrics(new)

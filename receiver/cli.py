@@ -42,7 +42,7 @@ def _throttle_text(cfg: Config) -> str:
 
 
 async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
-    """Serve until SIGTERM/SIGINT (0) or until the outbox breaks (1: restart me)."""
+    """Serve until SIGTERM/SIGINT (0), or until the receiver fails for good (1: restart me)."""
     from aiohttp import web
 
     from receiver.app import Receiver
@@ -53,11 +53,11 @@ async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
     broken: list[str] = []
     receiver = Receiver(cfg, config_path=config_path)
 
-    def on_broken(reason: str) -> None:
+    def on_fatal(reason: str) -> None:
         broken.append(reason)
         stop.set()
 
-    receiver.on_broken = on_broken
+    receiver.on_fatal = on_fatal
     runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
     try:
         await receiver.start()
@@ -83,8 +83,8 @@ async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     if broken:
-        log.critical("stopping: the outbox failed (%s); exiting with status 1 so that the "
-                     "supervisor restarts the receiver", broken[0])
+        log.critical("stopping: %s; exiting with status 1 so that the supervisor restarts the "
+                     "receiver", broken[0])
     else:
         log.info("shutting down: finishing requests and sends in flight")
     await runner.cleanup()

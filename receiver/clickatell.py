@@ -23,10 +23,11 @@ The API key never appears in an error, a repr or a log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -162,11 +163,15 @@ class _Answer:
 
 
 class ClickatellClient:
-    """One connection pool (``max_connections``) for one config; ``aclose`` when replaced."""
+    """One connection pool (``max_connections``) for one config. A reload replaces it:
+    :meth:`aclose` then waits until whoever is :meth:`using` it is done."""
 
     def __init__(self, *, base_url: str, api: Api, timeout: float, max_connections: int = 20) -> None:
         self.base_url = base_url.rstrip("/")
         self.api: Api = api
+        self._users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
@@ -178,7 +183,20 @@ class ClickatellClient:
     def __repr__(self) -> str:
         return f"ClickatellClient(base_url={self.base_url!r}, api={self.api!r})"
 
+    @contextlib.contextmanager
+    def using(self) -> Iterator[ClickatellClient]:
+        """Hold the client open across several requests (all of one message's)."""
+        self._users += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._idle.set()
+
     async def aclose(self) -> None:
+        await self._idle.wait()
         await self._http.aclose()
 
     async def _request(
@@ -187,7 +205,8 @@ class ClickatellClient:
         # The raw key, no "Bearer"; the HTTP API carries it in the query instead.
         headers = {"Authorization": key} if key_in_header else {}
         try:
-            response = await self._http.request(method, path, headers=headers, **kwargs)
+            with self.using():
+                response = await self._http.request(method, path, headers=headers, **kwargs)
         except httpx.TimeoutException:
             return _Answer(None, network_error="timed out")
         except httpx.HTTPError as exc:

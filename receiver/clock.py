@@ -7,7 +7,6 @@ Paging rules depend on the time of day and on how long something waited, so no m
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Protocol
 
 
@@ -44,6 +43,3 @@ class FakeClock:
         self._now += seconds
         self._mono += seconds
 
-
-def to_datetime(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)

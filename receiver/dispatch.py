@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from receiver import holds
 from receiver.clickatell import ClickatellClient, Kind, SendOutcome, classify
@@ -41,6 +42,7 @@ from receiver.pipeline import Snapshot, new_message_id
 from receiver.store import MessageRecord, RecipientUpdate, Result, Store, StoreError
 
 log = logging.getLogger("sms_receiver.dispatch")
+T = TypeVar("T")
 
 # How often held messages are looked at: the granularity of digests, quiet hours and bundles.
 RELEASE_INTERVAL = 1.0
@@ -105,7 +107,8 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Claim and send until cancelled; in-flight sends are awaited on the way out."""
+        """Claim and send until cancelled; in-flight sends are awaited on the way out, and the
+        results still unrecorded get one more try."""
         try:
             while True:
                 claimed = await self.run_once()
@@ -122,35 +125,59 @@ class Dispatcher:
                 self._wake.clear()
         finally:
             await self.drain()
+            await self._record_kept()
+            for message, _ in self._unrecorded.values():
+                log.error("stopping with the result of message %s unrecorded: Clickatell may "
+                          "have accepted it, and it will be sent again after the restart", message.id)
 
     async def run_once(self) -> int:
         """One pass: record results still unrecorded, release what holds are due (at most once a
-        second), claim what is due and start sending it. Returns how many were claimed."""
+        second), claim what is due and start sending it. Returns how many were claimed. A step
+        that fails does not keep the others from running; readiness shows the failure."""
         self.last_run = self._clock.monotonic()
         now = self._clock.now()
         self._metrics.dispatcher_last_run.set(now)
         snap = self._snapshot()
+        errors: list[str] = []
+        await self._step(errors, self._record_kept)
+        if now >= self._next_release:
+            self._next_release = now + RELEASE_INTERVAL
+            await self._step(errors, lambda: self._release(snap, now))
+        claimed = await self._step(errors, lambda: self._claim(snap, now)) or 0
+        error = "; ".join(errors) or None
+        if error and self.last_error is None:
+            log.error("dispatcher cannot use the outbox: %s", error)
+        self.last_error = error
+        return claimed
+
+    async def _step(self, errors: list[str], work: Callable[[], Awaitable[T]]) -> T | None:
+        try:
+            return await work()
+        except StoreError as exc:
+            errors.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in one step: the next pass tries again
+            errors.append(f"{type(exc).__name__}: {exc}")
+            if errors[-1] not in (self.last_error or ""):
+                log.exception("dispatcher step failed")
+        return None
+
+    async def _record_kept(self) -> None:
+        for message, result in list(self._unrecorded.values()):
+            await self._record(message, result)
+
+    async def _release(self, snap: Snapshot, now: float) -> None:
+        self._released(await holds.release(
+            self._store, snap.throttle, snap.config.clickatell.max_parts, new_message_id, now))
+
+    async def _claim(self, snap: Snapshot, now: float) -> int:
         cfg = snap.config.dispatch
         room = cfg.concurrency - len(self._inflight)
-        try:
-            for message, result in list(self._unrecorded.values()):
-                await self._record(message, result)
-            if now >= self._next_release:
-                self._next_release = now + RELEASE_INTERVAL
-                self._released(await holds.release(
-                    self._store, snap.throttle, snap.config.clickatell.max_parts, new_message_id, now))
-            if room <= 0:
-                return 0
-            # neither a message being sent nor one whose result waits to be recorded: ours still
-            claimed = await self._store.claim(now, room, cfg.lease,
-                                              exclude=[*self._inflight.values(), *self._unrecorded])
-            admission = await holds.gate(self._store, claimed, snap.throttle, now)
-        except StoreError as exc:
-            if self.last_error is None:
-                log.error("dispatcher cannot use the outbox: %s", exc)
-            self.last_error = str(exc)
+        if room <= 0:
             return 0
-        self.last_error = None
+        # neither a message being sent nor one whose result waits to be recorded: ours still
+        claimed = await self._store.claim(now, room, cfg.lease,
+                                          exclude=[*self._inflight.values(), *self._unrecorded])
+        admission = await holds.gate(self._store, claimed, snap.throttle, now)
         for gid, n in admission.throttled.items():
             self._metrics.sms_throttled.labels(gid).inc(n)
         for message in admission.ready:
@@ -209,32 +236,41 @@ class Dispatcher:
         self, message: MessageRecord, numbers: tuple[str, ...], key: str, snap: Snapshot
     ) -> _Attempt:
         cfg = snap.config
-        client = self._client()
         attempt = _Attempt([])
         size = cfg.dispatch.batch_size
-        for start in range(0, len(numbers), size):
-            chunk = numbers[start : start + size]
-            outcome = await client.send(
-                api_key=key,
-                to=[msisdn(n) for n in chunk],
-                content=message.text,
-                client_message_id=message.id,
-                from_=cfg.clickatell.from_,
-            )
-            self._observe(outcome)
-            attempt.merge(outcome)
-            by_to = {r.to: r for r in outcome.recipients}
-            for number in chunk:
-                r = by_to.get(msisdn(number))
-                if r is None:
-                    continue
-                if r.accepted:
-                    attempt.updates.append(RecipientUpdate(number, "accepted", r.api_message_id))
-                elif r.error_code and classify(r.error_code, None) is Kind.PERMANENT:
-                    attempt.updates.append(
-                        RecipientUpdate(number, "failed", None, r.error_code, r.error)
-                    )
+        with self._client().using() as client:  # all of its requests on one client, kept open
+            for start in range(0, len(numbers), size):
+                chunk = numbers[start : start + size]
+                outcome = await self._request(client, key, chunk, message.text, message.id,
+                                              cfg.clickatell.from_)
+                self._take(attempt, outcome, chunk)
         return attempt
+
+    async def _request(self, client: ClickatellClient, key: str, chunk: tuple[str, ...], text: str,
+                       message_id: str, from_: str) -> SendOutcome:
+        """One request's outcome; a failure of the client itself (a bug) as a transient one, so
+        that what the message's earlier requests achieved is still recorded."""
+        try:
+            return await client.send(api_key=key, to=[msisdn(n) for n in chunk], content=text,
+                                     client_message_id=message_id, from_=from_)
+        except Exception as exc:  # noqa: BLE001 - the accepted recipients must be recorded
+            log.exception("Clickatell client failed for message %s", message_id)
+            return SendOutcome(Kind.TRANSIENT, (), None, client.api, 0.0, None,
+                               f"client failed: {type(exc).__name__}")
+
+    def _take(self, attempt: _Attempt, outcome: SendOutcome, chunk: tuple[str, ...]) -> None:
+        """Merge one request's outcome into the message's attempt."""
+        self._observe(outcome)
+        attempt.merge(outcome)
+        by_to = {r.to: r for r in outcome.recipients}
+        for number in chunk:
+            r = by_to.get(msisdn(number))
+            if r is None:
+                continue
+            if r.accepted:
+                attempt.updates.append(RecipientUpdate(number, "accepted", r.api_message_id))
+            elif r.error_code and classify(r.error_code, None) is Kind.PERMANENT:
+                attempt.updates.append(RecipientUpdate(number, "failed", None, r.error_code, r.error))
 
     def _observe(self, outcome: SendOutcome) -> None:
         m = self._metrics

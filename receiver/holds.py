@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from receiver.models import AlertStatus, NewMessage
-from receiver.paging import Throttle, hold_kind
+from receiver.paging import THROTTLE, Throttle, hold_kind
 from receiver.store import Changes, Fold, MessageRecord, NumberHistory, Store
 from receiver.summary import Entry, Summary, bundle, count_alerts, digest
 
@@ -82,7 +82,8 @@ def admit(claimed: Sequence[MessageRecord], histories: Mapping[str, NumberHistor
         m = replace(m, recipients=tuple(recipients))
         if m.pending_numbers:
             ready.append(m)
-    changes = Changes(now, sends=tuple(sends), admitted=tuple(admitted), holds=tuple(holds))
+    changes = Changes(now, sends=tuple(sends), admitted=tuple(admitted), holds=tuple(holds),
+                      hold_reason=THROTTLE)
     return Admission(ready, changes, throttled)
 
 
@@ -162,7 +163,7 @@ def release_numbers(due: Mapping[str, Sequence[MessageRecord]], histories: Mappi
         folds.append(Fold(ids, message.id, number))
         out.append(Released("bundle", group_id, message.id, len(ids), summary.alerts, summary.collapsed))
     changes = Changes(now, messages=tuple(messages), sends=tuple(sends), holds=tuple(holds),
-                      folds=tuple(folds))
+                      hold_reason=THROTTLE, folds=tuple(folds))
     return changes, out
 
 

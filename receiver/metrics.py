@@ -198,6 +198,11 @@ class Metrics:
             p + "notifications_unplanned",
             "Notifications received (answered 2xx) and not yet turned into messages.", registry=r,
         )
+        self.planning_failed = Gauge(
+            p + "notifications_planning_failed",
+            "Notifications received that could not be turned into messages (a bug): kept, with "
+            "their error, and tried again at the next start.", registry=r,
+        )
         self.dispatcher_last_run = Gauge(
             p + "dispatcher_last_run_timestamp_seconds", "When the dispatcher loop last ran.",
             registry=r,

@@ -128,7 +128,9 @@ class NewMessage:
 
 # ---------------------------------------------------------------------------------------------
 # The message state machine. A message's state is derived from its recipients' states
-# (message_state), except ``sending``: claimed under a lease by a dispatcher.
+# (message_state), with two exceptions: ``sending`` (claimed under a lease by a dispatcher), and
+# a message held whole (a digest, quiet hours): ``held`` while its recipients wait as ``pending``,
+# until it is folded into a summary.
 
 MessageState = Literal[
     "pending", "sending", "sent", "partial", "failed", "dead", "dry_run",

@@ -29,6 +29,7 @@ from receiver.config import Config, Group, QuietHours, ThrottleRule, format_dura
 
 PolicyKind = Literal["immediate", "digest", "quiet_hours", "none"]
 QUIET_HOURS = "quiet hours"  # the hold reason shown in the API and in the summary's head
+THROTTLE = "throttle"  # the hold reason of a message whose recipients the throttle holds
 
 
 def hold_kind(reason: str) -> Literal["digest", "quiet_hours"]:

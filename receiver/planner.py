@@ -54,7 +54,12 @@ class Planner:
 
     async def run(self) -> None:
         while True:
-            taken = await self.run_once()
+            try:
+                taken = await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - a bug in a pass: the next one tries again
+                if self.last_error is None:
+                    log.exception("planner pass failed")
+                self.last_error, taken = f"{type(exc).__name__}: {exc}", 0
             if self._answering():  # webhooks come first: a pause of (1 - SHARE) / SHARE the work
                 await asyncio.sleep(self._spent * (1 / SHARE - 1))
             if taken >= BATCH:
@@ -74,15 +79,16 @@ class Planner:
     async def run_once(self) -> int:
         """Plan the oldest received notifications; returns how many were taken."""
         async with self._lock:
+            self._spent = 0.0
             try:
                 rows = await self._store.unplanned(BATCH)
             except StoreError as exc:
                 self._error(exc)
                 return 0
             if not rows:
+                self.last_error = None  # the store answers, and nothing waits
                 return 0
             snap = self._snapshot()
-            self._spent = 0.0
             plans: list[Planned] = []
             counted: list[tuple[Notification, Plan]] = []
             for row in rows:

@@ -119,6 +119,17 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
     body = await _read_body(request, cfg.max_body_bytes)
     if body is None:
         return done("too_large", _error(413, f"body larger than max_body_bytes ({cfg.max_body_bytes})"))
+    r.answering += 1  # its body is in: the planner yields until it is answered
+    try:
+        return await _answer(request, source, body, done)
+    finally:
+        r.answering -= 1
+
+
+async def _answer(request: web.Request, source: Literal["alertmanager", "grafana"], body: bytes,
+                  done: Callable[..., web.Response]) -> web.Response:
+    r = request.app[RECEIVER]
+    cfg, m = r.config, r.metrics
     if source == "grafana":
         problem = check_grafana_signature(cfg.webhook_auth, request.headers, body)
         if problem:
@@ -156,21 +167,12 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
     return done("accepted", web.Response(body=answer.encode(), headers=_JSON), about)
 
 
-async def _counted(request: web.Request, source: Literal["alertmanager", "grafana"]) -> web.Response:
-    r = request.app[RECEIVER]
-    r.answering += 1  # the planner yields to webhook answers
-    try:
-        return await _webhook(request, source)
-    finally:
-        r.answering -= 1
-
-
 async def alertmanager_webhook(request: web.Request) -> web.Response:
-    return await _counted(request, "alertmanager")
+    return await _webhook(request, "alertmanager")
 
 
 async def grafana_webhook(request: web.Request) -> web.Response:
-    return await _counted(request, "grafana")
+    return await _webhook(request, "grafana")
 
 
 @admin
@@ -440,9 +442,10 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def healthy(request: web.Request) -> web.Response:
-    broken = request.app[RECEIVER].store.broken
-    if broken is not None:  # the process is stopping to be restarted
-        return web.Response(status=503, text=f"not healthy: the outbox failed: {broken}\n")
+    r = request.app[RECEIVER]
+    trouble = r.fatal or r.store.trouble()
+    if trouble is not None:  # the process is stopping, or must be restarted
+        return web.Response(status=503, text=f"not healthy: {trouble}\n")
     return web.Response(text="sms-receiver is Healthy.\n")
 
 
@@ -456,7 +459,7 @@ async def ready(request: web.Request) -> web.Response:
     if not health.running:
         return web.Response(status=503, text="not ready: the dispatcher loop is not running\n")
     if health.error:
-        return web.Response(status=503, text=f"not ready: dispatcher: {health.error}\n")
+        return web.Response(status=503, text=f"not ready: {health.error}\n")
     return web.Response(text="sms-receiver is Ready.\n")
 
 
@@ -473,6 +476,7 @@ async def metrics(request: web.Request) -> web.Response:
             r.metrics.outbox_messages.labels(state).set(stats.by_state.get(state, 0))
         r.metrics.held_recipients.set(stats.held_recipients)
         r.metrics.unplanned.set(stats.unplanned)
+        r.metrics.planning_failed.set(stats.unplanned_failed)
     body = generate_latest(r.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

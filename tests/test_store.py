@@ -187,7 +187,8 @@ async def test_throttle_history_holds_and_folds(store):
     await store.claim(1000.0, 10, 30.0)
     # the throttle clears A for m1 (a send now) and holds B on m1 and both on m2
     await store.apply(Changes(1000.0, sends=(A,), admitted=(("m1", A),),
-                              holds=(("m1", B, 1060.0), ("m2", A, 1060.0), ("m2", B, 1060.0))))
+                              holds=(("m1", B, 1060.0), ("m2", A, 1060.0), ("m2", B, 1060.0)),
+                              hold_reason="throttle"))
     m1, m2 = await store.get_message("m1"), await store.get_message("m2")
     assert m1.state == "sending"  # A is still to be sent now
     assert [r.admitted for r in m1.recipients if r.number == A] == [True]

@@ -269,8 +269,10 @@ class DispatchConfig(_Model):
     retry_initial: Duration = 1.0
     retry_max: Duration = 300.0
     max_age: Duration = 3600.0  # a page not accepted by then becomes a dead letter
-    lease: Duration = 60.0  # how long a claimed message is ours before another worker may retry it
-    poll_interval: Duration = 1.0
+    # how long a claimed message is reserved: should its sending end without a result recorded
+    # (a bug), it is due again then
+    lease: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 60.0
+    poll_interval: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 1.0
 
 
 class ThrottleRule(_Model):

@@ -7,9 +7,10 @@ Contract of every implementation (the embedded one is :mod:`receiver.store.sqlit
   webhook be answered 2xx. False: a replay within the window (nothing written).
 - :meth:`Store.planned` turns received notifications into messages, each in one transaction with
   the notification's removal: planned exactly once whoever crashes when.
-- :meth:`Store.claim` hands out due messages under a lease. A lease that runs out (its holder died
-  mid-send) makes the message due again; that, and a crash between Clickatell's answer and
-  :meth:`Store.finish`, are the only at-least-once windows.
+- :meth:`Store.claim` hands out due messages under a lease; a claimed message whose lease ran out
+  (its sending ended without a result, or its holder died) is due again. A crash between
+  Clickatell's answer and :meth:`Store.finish` is the at-least-once window (README, Delivery
+  guarantees).
 - :meth:`Store.apply` writes what the paging policy decided (throttle history, holds, summaries
   that replace held messages) in one transaction. The policy itself lives in :mod:`receiver.holds`.
 - A fault that may have lost data (an I/O error, corruption) sets :attr:`Store.broken` and calls
@@ -103,6 +104,7 @@ class Changes:
     sends: tuple[str, ...] = ()  # numbers sent to at ``at``: the throttle's history
     admitted: tuple[tuple[str, str], ...] = ()  # (message id, number) the throttle cleared
     holds: tuple[tuple[str, str, float], ...] = ()  # (message id, number, until) it holds
+    hold_reason: str = ""  # shown on the messages of ``holds``
     folds: tuple[Fold, ...] = ()
 
     def __bool__(self) -> bool:
@@ -198,7 +200,11 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise :class:`StoreError` unless the store answers and can write."""
+        """Raise :class:`StoreError` unless the store answers and can write (readiness)."""
+
+    def trouble(self) -> str | None:
+        """Why the store will not accept again without a restart (broken, a write stuck for
+        long, writes failing for long for another reason than a full disk), or None (liveness)."""
 
     # -- intake and planning ---------------------------------------------------------------------
 
@@ -263,8 +269,9 @@ class Store(Protocol):
     async def prune(self, before: float, keys_before: float, sends_before: float,
                     limit: int = 10_000) -> int:
         """Delete at most ``limit`` finished messages created before ``before`` (with their
-        recipients), dedup keys older than ``keys_before`` and throttle history older than
-        ``sends_before``; returns how many rows went. Call again while it returns ``limit``."""
+        recipients), and at most ``limit`` dedup keys older than ``keys_before`` and rows of
+        throttle history older than ``sends_before``; returns how many rows went, all tables
+        counted. Call again while it returns ``limit`` or more."""
 
 
 def open_store(storage: Storage, on_broken: Callable[[str], None] | None = None) -> Store:

@@ -133,8 +133,7 @@ def finish(conn: sqlite3.Connection, results: list[Result]) -> list[MessageState
         conn.execute(
             "UPDATE messages AS m SET state=v.column2, next_attempt_at=v.column3, lease_until=NULL, "
             "last_error=v.column4, updated_at=v.column5, accepted_at=COALESCE(m.accepted_at, "
-            "v.column6), hold_reason=CASE WHEN v.column2='held' THEN 'throttle' ELSE m.hold_reason END "
-            f"FROM (VALUES {values(len(chunk), 6)}) AS v WHERE m.id=v.column1",
+            f"v.column6) FROM (VALUES {values(len(chunk), 6)}) AS v WHERE m.id=v.column1",
             [x for row in chunk for x in row])
     return states
 
@@ -145,42 +144,39 @@ def recipient_counts(conn: sqlite3.Connection, message_id: str) -> dict[str, int
     ).fetchall())
 
 
-def settle(conn: sqlite3.Connection, message_id: str, at: float, hold_reason: str | None = None) -> None:
-    """Re-derive a message's state from its recipients after holds changed them."""
-    state = message_state(recipient_counts(conn, message_id))
-    conn.execute(
-        "UPDATE messages SET state=?, lease_until=NULL, updated_at=?, "
-        "hold_reason=COALESCE(?, hold_reason) WHERE id=?",
-        (state, at, hold_reason if state == "held" else None, message_id),
-    )
+def settle(conn: sqlite3.Connection, message_id: str, at: float) -> None:
+    """Re-derive a message's state from its recipients after holds changed them (not for a
+    message held whole, whose recipients wait as ``pending``: see models.message_state)."""
+    conn.execute("UPDATE messages SET state=?, lease_until=NULL, updated_at=? WHERE id=?",
+                 (message_state(recipient_counts(conn, message_id)), at, message_id))
 
 
-def settle_idle(conn: sqlite3.Connection, message_id: str, at: float, hold_reason: str) -> None:
-    """Settle a message the throttle just held recipients of, unless others of them are still
-    to be sent now (it settles when their results are recorded)."""
+def settle_idle(conn: sqlite3.Connection, message_id: str, at: float) -> None:
+    """Settle a message whose recipients were just held, unless others of them are still to be
+    sent now (it settles when their results are recorded)."""
     if not conn.execute("SELECT 1 FROM recipients WHERE message_id=? AND state='pending' LIMIT 1",
                         (message_id,)).fetchone():
-        settle(conn, message_id, at, hold_reason)
+        settle(conn, message_id, at)
 
 
 def fold(conn: sqlite3.Connection, ids: Sequence[str], bundle_id: str | None, at: float,
-          number: str | None) -> None:
+         number: str | None) -> None:
     """Mark held messages (``number`` None: whole) or one number's held recipients as gone out
     in ``bundle_id`` (None: collapsed, nothing sent)."""
     state = "bundled" if bundle_id else "collapsed"
     for chunk in chunks(list(ids)):
-        marks = ",".join("?" * len(chunk))
+        ids_in = f"IN ({marks(len(chunk))})"
         if number is None:
             conn.execute(f"UPDATE recipients SET state=?, bundle_id=?, updated_at=? "
-                         f"WHERE state='pending' AND message_id IN ({marks})", (state, bundle_id, at, *chunk))
-            conn.execute(f"UPDATE messages SET state=?, bundle_id=?, updated_at=? WHERE id IN ({marks})",
-                         (state, bundle_id, at, *chunk))
+                         f"WHERE state='pending' AND message_id {ids_in}", (state, bundle_id, at, *chunk))
+            conn.execute(f"UPDATE messages SET state=?, bundle_id=?, updated_at=? "
+                         f"WHERE state='held' AND id {ids_in}", (state, bundle_id, at, *chunk))
             continue
         conn.execute(f"UPDATE recipients SET state=?, bundle_id=?, hold_until=NULL, updated_at=? "
-                     f"WHERE number=? AND state='held' AND message_id IN ({marks})",
+                     f"WHERE number=? AND state='held' AND message_id {ids_in}",
                      (state, bundle_id, at, number, *chunk))
         for (message_id,) in conn.execute(
-                f"SELECT id FROM messages WHERE state='held' AND id IN ({marks})", chunk).fetchall():
+                f"SELECT id FROM messages WHERE state='held' AND id {ids_in}", chunk).fetchall():
             settle(conn, message_id, at)  # a message still being sent to others settles later
 
 
@@ -300,8 +296,9 @@ def history(conn: sqlite3.Connection, numbers: Sequence[str], since: float) -> d
 
 def held_messages(conn: sqlite3.Connection, now: float) -> list[MessageRecord]:
     return with_recipients(conn, conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE state='held' AND hold_reason<>'throttle' "
-        "AND next_attempt_at<=? ORDER BY created_at", (now,)).fetchall())
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE state='held' AND next_attempt_at<=? "
+        "AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id=messages.id AND r.state='pending') "
+        "ORDER BY created_at", (now,)).fetchall())
 
 
 def held_numbers(conn: sqlite3.Connection, now: float) -> dict[str, list[MessageRecord]]:
@@ -326,7 +323,8 @@ def apply(conn: sqlite3.Connection, c: Changes) -> None:
         "WHERE message_id=? AND number=? AND state IN ('pending','held')",
         [(until, at, mid, number) for mid, number, until in c.holds])
     for mid in dict.fromkeys(mid for mid, _, _ in c.holds):
-        settle_idle(conn, mid, at, "throttle")
+        conn.execute("UPDATE messages SET hold_reason=? WHERE id=?", (c.hold_reason or None, mid))
+        settle_idle(conn, mid, at)
     for f in c.folds:
         fold(conn, f.message_ids, f.bundle_id, at, f.number)
 

@@ -46,6 +46,11 @@ T = TypeVar("T")
 log = logging.getLogger("sms_receiver.store")
 
 CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints, at most
+# How long a commit may run, and writes may fail for another reason than a full disk, before the
+# store is in trouble: a restart (liveness) is then the way out. A full disk is waited out: a
+# restart makes no room, and would drop the results this process still has to record.
+STALL_LIMIT = 60.0
+FAILING_LIMIT = 300.0
 
 
 def lock(path: str) -> int:
@@ -98,6 +103,7 @@ class SQLiteStore:
     def _on_broken(self, reason: str) -> None:
         if self.broken is None:
             self.broken = reason
+            self._w.broken = self._w.broken or reason  # a fault seen by a read stops writes too
             log.critical("the outbox %s failed (%s): what is on disk may not be what was "
                          "reported; stopping so that it is reopened and recovered", self.path, reason)
             if self._on_broken_cb is not None:
@@ -106,6 +112,9 @@ class SQLiteStore:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if sqlite3.sqlite_version_info < (3, 35):  # RETURNING, UPDATE … FROM
+            raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old for the outbox: 3.35 or "
+                             "newer is needed (Python's sqlite3 module links the system's)")
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = lock(self.path)
@@ -129,12 +138,16 @@ class SQLiteStore:
             released = conn.execute(
                 "UPDATE messages SET state='pending', lease_until=NULL WHERE state='sending'"
             ).rowcount
+            # Notifications that could not be planned: a new start (a fixed release) tries again.
+            retried = conn.execute("UPDATE notifications SET error=NULL WHERE error IS NOT NULL").rowcount
         except BaseException:
             conn.close()
             raise
         if released:
             log.warning("%d message(s) were being sent when the receiver stopped: due again now "
                         "(Clickatell may have accepted some: see Delivery guarantees)", released)
+        if retried:
+            log.warning("%d notification(s) that could not be planned before are tried again", retried)
         return conn
 
     def _connect_reader(self) -> sqlite3.Connection:
@@ -196,6 +209,19 @@ class SQLiteStore:
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._w.write(fn)
+
+    def trouble(self) -> str | None:
+        """Why the store cannot be trusted to accept again without a restart, if it cannot."""
+        now = time.monotonic()
+        w = self._w
+        if self.broken is not None:
+            return f"the outbox failed: {self.broken}"
+        if w.busy_since is not None and now - w.busy_since > STALL_LIMIT:
+            return f"an outbox commit has been running for {now - w.busy_since:.0f} s"
+        if w.failing is not None and not w.disk_full and w.failing_since is not None \
+                and now - w.failing_since > FAILING_LIMIT:
+            return f"outbox writes have failed for {now - w.failing_since:.0f} s: {w.failing}"
+        return None
 
     async def ping(self) -> None:
         """Raises while the outbox cannot be read, or written: after a failed commit, a probe

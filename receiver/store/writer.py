@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
@@ -93,7 +94,10 @@ class Writer:
         self.conn: sqlite3.Connection | None = None
         self._on_commit = on_commit  # in the loop, after each successful commit
         self.failing: str | None = None  # why the last commit failed, until one that wrote succeeds
+        self.failing_since: float | None = None  # monotonic: when commits began to fail
+        self.disk_full = False  # they fail because the disk is full (room will come back)
         self.broken: str | None = None  # a fault that ended this writer
+        self.busy_since: float | None = None  # monotonic: when the running batch began
         self._on_broken = on_broken
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._lock = threading.Lock()  # guards the two below, shared by the loop and the thread
@@ -145,10 +149,13 @@ class Writer:
                 if not batch:
                     self._committing = False
                     return
+            self.busy_since = time.monotonic()
             try:
                 outcome: Outcome = self._apply(batch)
             except Exception as exc:  # the batch, or its COMMIT, failed: nothing of it is stored
                 outcome = exc
+            finally:
+                self.busy_since = None
             loop.call_soon_threadsafe(self._settle, batch, outcome)
 
     def _apply(self, batch: list[_Op]) -> tuple[list[tuple[bool, Any]], bool]:
@@ -192,7 +199,10 @@ class Writer:
         if isinstance(outcome, BaseException):
             kind = fault(outcome)
             reason = str(outcome)
+            if self.failing is None:
+                self.failing_since = time.monotonic()
             self.failing = reason
+            self.disk_full = getattr(outcome, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
             if kind == "broken" and self.broken is None:
                 self.broken = reason
                 self._on_broken(reason)
@@ -203,7 +213,7 @@ class Writer:
             return
         results, wrote = outcome
         if wrote:
-            self.failing = None
+            self.failing = self.failing_since = None
         self._on_commit()
         for op, (ok, value) in zip(batch, results):
             if op.future.done():
