@@ -87,3 +87,12 @@ def test_the_runtime_never_imports_the_fake():
     top = {a.name for node in cli.body if isinstance(node, ast.Import) for a in node.names}
     top |= {node.module for node in cli.body if isinstance(node, ast.ImportFrom)}
     assert "fake_clickatell" not in top
+
+
+def test_the_store_names_no_hold_reason():
+    """The paging policy's words (hold reasons, delivery modes) are data the store is given,
+    never strings it compares against."""
+    for path in (PACKAGE / "store").glob("*.py"):
+        text = path.read_text()
+        for word in ("'throttle'", "'digest", "'quiet hours'", '"throttle"', '"quiet hours"'):
+            assert word not in text, f"{path.name} names {word}"

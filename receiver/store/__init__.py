@@ -149,7 +149,7 @@ class MessageRecord:
     template_error: str | None = None
     last_error: str | None = None
     accepted_at: float | None = None
-    hold_reason: str | None = None  # "digest 15m", "quiet hours", "throttle", "delivery none"
+    hold_reason: str | None = None  # why it is or was held, as the paging policy put it
     bundle_id: str | None = None  # the summary message it went out in
     items: tuple[Item, ...] = ()
     recipients: tuple[RecipientRecord, ...] = ()
