@@ -125,6 +125,20 @@ async def message_state(http: aiohttp.ClientSession, url: str, message_id: str) 
         return (await r.json())["state"] if r.status == 200 else None
 
 
+def message_of(fake: Fake, notification_id: str) -> str:
+    """The one message id the fake has seen of a notification."""
+    (mid,) = {m["clientMessageId"] for m in of(fake, notification_id)}
+    return mid
+
+
+async def until_state(http: aiohttp.ClientSession, url: str, message_id: str, state: str,
+                      timeout: float) -> None:
+    async def reached() -> bool:
+        return await message_state(http, url, message_id) == state
+
+    await eventually(reached, timeout=timeout)
+
+
 def copies(fake: Fake) -> Counter[tuple[str, str]]:
     """SMS the fake accepted, per (clientMessageId, recipient)."""
     return Counter((m["clientMessageId"], m["to"]) for m in fake.state.messages)
@@ -426,15 +440,12 @@ async def test_kill_between_accepted_and_answered_sends_once_more(tmp_path: Path
         assert fake.state.in_flight == 1  # the receiver is waiting for the answer
         rx.kill9()
         outbox = read_outbox(tmp_path / "outbox.db")
-        (mid,) = {m["clientMessageId"] for m in of(fake, nid)}
+        mid = message_of(fake, nid)
         assert outbox.states == {"sending": 1} and not outbox.recorded  # accepted, not recorded
 
         await rx.start(http)  # the answer is still 3 s away for the new send too
 
-        async def sent() -> bool:
-            return await message_state(http, rx.url, mid) == "sent"
-
-        await eventually(sent, timeout=20)
+        await until_state(http, rx.url, mid, "sent", timeout=20)
         assert copies(fake) == {(mid, to): 2 for to in DB_MEMBERS}  # one more, not more
         # and not a third one later: another page goes through the dispatcher after it
         await fake.mode(http, answer_delay=0)
@@ -451,12 +462,9 @@ async def test_kill_after_result_recorded_sends_nothing_again(tmp_path: Path, fa
         await rx.start(http)
         nid = await accepted(http, rx.url, "RecordedKill")
         await delivered(fake, [nid], timeout=10)
-        (mid,) = {m["clientMessageId"] for m in of(fake, nid)}
+        mid = message_of(fake, nid)
 
-        async def sent() -> bool:
-            return await message_state(http, rx.url, mid) == "sent"
-
-        await eventually(sent, timeout=10)
+        await until_state(http, rx.url, mid, "sent", timeout=10)
         rx.kill9()
         assert read_outbox(tmp_path / "outbox.db").recorded == {(mid, to) for to in DB_MEMBERS}
         await rx.start(http)
@@ -478,12 +486,9 @@ async def test_send_slower_than_the_lease_is_not_sent_twice(tmp_path: Path, fake
         await rx.start(http)
         nid = await accepted(http, rx.url, "SlowerThanLease")
         await delivered(fake, [nid], timeout=10)
-        (mid,) = {m["clientMessageId"] for m in of(fake, nid)}
+        mid = message_of(fake, nid)
 
-        async def sent() -> bool:
-            return await message_state(http, rx.url, mid) == "sent"
-
-        await eventually(sent, timeout=20)
+        await until_state(http, rx.url, mid, "sent", timeout=20)
         await fake.mode(http, answer_delay=0)
         later = await accepted(http, rx.url, "SlowerThanLeaseLater")
         await delivered(fake, [later], timeout=10)
@@ -624,7 +629,7 @@ async def test_disk_full_while_sending_records_later_and_sends_once(
 
         await eventually(sending, timeout=10)
         control.write_text("ENOSPC")  # Clickatell has accepted; its answer is on the way
-        (mid,) = {m["clientMessageId"] for m in of(fake, nid)}
+        mid = message_of(fake, nid)
         claimed_before = min(m["received_at"] for m in of(fake, nid))
         await no_send_in_flight(fake)
 
@@ -685,7 +690,7 @@ async def test_unrecordable_result_is_not_claimed_again_while_claims_work(
 
         await eventually(sending, timeout=10)
         control.write_text("ENOSPC_IF=accepted")
-        (mid,) = {m["clientMessageId"] for m in of(fake, nid)}
+        mid = message_of(fake, nid)
         claimed_before = min(m["received_at"] for m in of(fake, nid))
         await no_send_in_flight(fake)
 
