@@ -613,6 +613,29 @@ async def dispatcher_ran_after(http: aiohttp.ClientSession, url: str, at: float)
     return False
 
 
+async def result_kept(http: aiohttp.ClientSession, rx: ReceiverProcess, fake: Fake, control: Path,
+                      name: str, fault: str) -> tuple[str, float]:
+    """Accept a webhook, switch ``fault`` on while Clickatell holds the answer to its send, and
+    wait until the receiver keeps the result it could not record: its message id, and when it
+    was claimed."""
+    nid = await accepted(http, rx.url, name)
+
+    async def sending() -> bool:
+        return fake.state.in_flight > 0 and len(of(fake, nid)) == 2
+
+    await eventually(sending, timeout=10)
+    control.write_text(fault)  # Clickatell has accepted; its answer is on the way
+    mid = message_of(fake, nid)
+    claimed_before = min(m["received_at"] for m in of(fake, nid))
+    await no_send_in_flight(fake)
+
+    async def kept() -> bool:
+        return f"could not record the result of message {mid}" in rx.log_text()
+
+    await eventually(kept, timeout=10)
+    return mid, claimed_before
+
+
 async def test_disk_full_while_sending_records_later_and_sends_once(
         tmp_path: Path, fake: Fake, http, faultfs: str):
     data, control = tmp_path / "data", tmp_path / "faults"
@@ -622,21 +645,7 @@ async def test_disk_full_while_sending_records_later_and_sends_once(
     await fake.mode(http, answer_delay=1.5)
     try:
         await rx.start(http, env=shim(faultfs, data, control=control))
-        nid = await accepted(http, rx.url, "FullWhileSending")
-
-        async def sending() -> bool:
-            return fake.state.in_flight > 0 and len(of(fake, nid)) == 2
-
-        await eventually(sending, timeout=10)
-        control.write_text("ENOSPC")  # Clickatell has accepted; its answer is on the way
-        mid = message_of(fake, nid)
-        claimed_before = min(m["received_at"] for m in of(fake, nid))
-        await no_send_in_flight(fake)
-
-        async def kept() -> bool:
-            return f"could not record the result of message {mid}" in rx.log_text()
-
-        await eventually(kept, timeout=10)
+        mid, claimed_before = await result_kept(http, rx, fake, control, "FullWhileSending", "ENOSPC")
         status, body = await post_webhook(http, rx.url, "FullWhileSendingRefused")
         assert status == 503, body
         # (readiness while the disk is full: test_readiness_stays_503_while_the_disk_is_full)
@@ -654,10 +663,7 @@ async def test_disk_full_while_sending_records_later_and_sends_once(
         assert rx.running
         control.write_text("")
 
-        async def recorded() -> bool:
-            return await message_state(http, rx.url, mid) == "sent"
-
-        await eventually(recorded, timeout=10)
+        await until_state(http, rx.url, mid, "sent", timeout=10)
         assert await status_of(http, rx.url, "/-/ready") == 200
         await fake.mode(http, answer_delay=0)
         later = await accepted(http, rx.url, "FullWhileSendingLater")
@@ -683,21 +689,8 @@ async def test_unrecordable_result_is_not_claimed_again_while_claims_work(
     await fake.mode(http, answer_delay=1.0)
     try:
         await rx.start(http, env=shim(faultfs, data, control=control))
-        nid = await accepted(http, rx.url, "ResultDoesNotFit")
-
-        async def sending() -> bool:
-            return fake.state.in_flight > 0 and len(of(fake, nid)) == 2
-
-        await eventually(sending, timeout=10)
-        control.write_text("ENOSPC_IF=accepted")
-        mid = message_of(fake, nid)
-        claimed_before = min(m["received_at"] for m in of(fake, nid))
-        await no_send_in_flight(fake)
-
-        async def kept() -> bool:
-            return f"could not record the result of message {mid}" in rx.log_text()
-
-        await eventually(kept, timeout=10)
+        mid, claimed_before = await result_kept(http, rx, fake, control, "ResultDoesNotFit",
+                                                "ENOSPC_IF=accepted")
         # other writes work: a webhook is stored, planned, claimed and sent (its result is kept too)
         other = await accepted(http, rx.url, "ResultDoesNotFitOther")
         await delivered(fake, [other], timeout=10)
@@ -710,10 +703,7 @@ async def test_unrecordable_result_is_not_claimed_again_while_claims_work(
         assert per_member(fake, mid) == {to: 1 for to in DB_MEMBERS}
         control.write_text("")
 
-        async def recorded() -> bool:
-            return await message_state(http, rx.url, mid) == "sent"
-
-        await eventually(recorded, timeout=10)
+        await until_state(http, rx.url, mid, "sent", timeout=10)
         await fake.mode(http, answer_delay=0)
         later = await accepted(http, rx.url, "ResultDoesNotFitLater")
         await delivered(fake, [later], timeout=10)
