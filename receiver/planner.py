@@ -7,12 +7,12 @@ be planned (only a bug can cause that: its body was validated on receipt) is kep
 counted and shown by the API; it never blocks the others.
 
 Planning shares the event loop with the webhook answers. While webhooks are being answered it
-takes at most :data:`SHARE` of the loop (after each batch, once it is stored, it pauses for nine
-times as long as planning it took): Alertmanager gives up on a slow answer and retries, so in a storm the answers
-come first and the planner catches up from the durable backlog as soon as the storm passes. It
-never stops: a tenth of the loop plans ~500 (10 alerts each) to ~1,400 (1 alert) notifications a
-second, more than the dispatcher can send to Clickatell in that time, so a storm that does not
-end still gets its pages planned as fast as they can be sent.
+takes at most :data:`SHARE` of the loop (after each batch, once it is stored, it pauses nineteen
+times as long as planning it took): Alertmanager gives up on a slow answer and retries, so in a
+storm the answers come first and the planner catches up from the durable backlog as soon as the
+storm passes. It never stops: a twentieth of the loop still plans ~250 (10 alerts each) to ~700
+(1 alert) notifications a second, and the loop is never answering all the time unless the storm
+outruns the receiver.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from receiver.store import Planned, Store, StoreError
 log = logging.getLogger("sms_receiver.planner")
 
 BATCH = 25  # notifications per transaction: a webhook commit waits behind at most one (~3 ms)
-SHARE = 0.1  # of the event loop's time, at most, while webhooks are being answered
+SHARE = 0.05  # of the event loop's time, at most, while webhooks are being answered
 
 
 class Planner:

@@ -45,7 +45,7 @@ from receiver.store.writer import Writer, fault
 T = TypeVar("T")
 log = logging.getLogger("sms_receiver.store")
 
-CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints, at most
+CHECKPOINT_INTERVAL = 2.0  # seconds between WAL checkpoints, at most
 # How long a commit may run, and writes may fail for another reason than a full disk, before the
 # store is in trouble: a restart (liveness) is then the way out. A full disk is waited out: a
 # restart makes no room, and would drop the results this process still has to record.
