@@ -61,7 +61,7 @@ def _report(message_id: Any, client_id: Any, code: Any, name: Any,
         raise ValueError("messageId is missing")
     try:
         number = int(code)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 1e999 is a float infinity to JSON
         raise ValueError(f"statusCode {code!r} is not a number") from None
     label, final = table.get(number, ("unknown", None))
     return StatusReport(str(message_id), str(client_id) if client_id else None,

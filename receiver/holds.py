@@ -56,8 +56,7 @@ def admit(claimed: Sequence[MessageRecord], histories: Mapping[str, NumberHistor
     """Clear or hold each claimed recipient the throttle has not seen yet. One storm puts the
     same numbers in many claimed messages: each number's history is kept up to date here."""
     numbers = {n: (list(h.sent_at), h.holding) for n, h in histories.items()}
-    sends: list[str] = []
-    admitted: list[tuple[str, str]] = []
+    sends: list[tuple[str, str]] = []
     holds: list[tuple[str, str, float]] = []
     throttled: dict[str, int] = {}
     ready: list[MessageRecord] = []
@@ -71,8 +70,7 @@ def admit(claimed: Sequence[MessageRecord], histories: Mapping[str, NumberHistor
             until = throttle.admit(history, holding, m.priority, m.created_at, now)
             if until is None:
                 history.append(now)
-                sends.append(r.number)
-                admitted.append((m.id, r.number))
+                sends.append((m.id, r.number))
                 recipients.append(replace(r, admitted=True))
             else:
                 numbers[r.number] = (history, True)
@@ -82,13 +80,13 @@ def admit(claimed: Sequence[MessageRecord], histories: Mapping[str, NumberHistor
         m = replace(m, recipients=tuple(recipients))
         if m.pending_numbers:
             ready.append(m)
-    changes = Changes(now, sends=tuple(sends), admitted=tuple(admitted), holds=tuple(holds),
-                      hold_reason=THROTTLE)
+    changes = Changes(now, sends=tuple(sends), holds=tuple(holds), hold_reason=THROTTLE)
     return Admission(ready, changes, throttled)
 
 
 def _entry(m: MessageRecord) -> Entry:
-    return Entry(m.id, m.created_at, m.priority, m.level, m.status, m.text, m.items)
+    return Entry(m.id, m.created_at, m.priority, m.level, m.status, m.text, m.items,
+                 summary=m.source == "summary")
 
 
 def _summary_message(new_id: IdSource, now: float, group_id: str, entries: Sequence[Entry],
@@ -138,7 +136,7 @@ def release_numbers(due: Mapping[str, Sequence[MessageRecord]], histories: Mappi
     """Numbers whose throttle hold is due: one bundle each if the rules (or an urgent message's
     deadline) allow it now; otherwise their holds move to when they will."""
     messages: list[NewMessage] = []
-    sends: list[str] = []
+    sends: list[tuple[str, str]] = []
     holds: list[tuple[str, str, float]] = []
     folds: list[Fold] = []
     out: list[Released] = []
@@ -159,7 +157,7 @@ def release_numbers(due: Mapping[str, Sequence[MessageRecord]], histories: Mappi
             continue
         message = _summary_message(new_id, now, group_id, entries, summary, [number], admitted=True)
         messages.append(message)
-        sends.append(number)
+        sends.append((message.id, number))
         folds.append(Fold(ids, message.id, number))
         out.append(Released("bundle", group_id, message.id, len(ids), summary.alerts, summary.collapsed))
     changes = Changes(now, messages=tuple(messages), sends=tuple(sends), holds=tuple(holds),

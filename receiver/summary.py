@@ -42,6 +42,7 @@ class Entry:
     status: str
     text: str
     items: tuple[Item, ...]
+    summary: bool = False  # itself a summary (one that could not be sent before it was held)
 
     def keyed_items(self) -> tuple[Item, ...]:
         """Its alerts; a message without alerts (``/send``) stands for itself."""
@@ -115,9 +116,11 @@ def bundle(entries: Sequence[Entry], max_parts: int) -> Summary | None:
     ordered = _ordered(entries)
     if len(ordered) == 1 and not collapsed:
         return Summary(fit(ordered[0].text, max_parts), len(fates), 0)
-    # Lead with the most urgent text whose alerts all still fire: never a stale "firing" page.
+    # Lead with the most urgent text whose alerts all still fire: never a stale "firing" page,
+    # and never a summary's text (its alerts are named one by one instead, not nested).
     top = next(
-        (e for e in ordered if all(fates[i.key].firing for i in e.keyed_items())), None
+        (e for e in ordered if not e.summary and all(fates[i.key].firing for i in e.keyed_items())),
+        None,
     )
     shown = {i.key for i in top.keyed_items()} if top else set()
     rest = sorted((f for k, f in fates.items() if k not in shown), key=lambda f: f.item.priority)

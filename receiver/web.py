@@ -60,16 +60,34 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when it is larger than ``limit`` bytes."""
+class _Refused(Exception):
+    """A body that is not read: its answer, and the outcome counted."""
+
+    def __init__(self, status: int, reason: str, outcome: str) -> None:
+        super().__init__(reason)
+        self.response = _error(status, reason)
+        self.outcome = outcome
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body; raise :class:`_Refused` when it is larger than ``limit`` bytes or compressed
+    (a few kilobytes of gzip inflate to gigabytes, past any limit on what was sent; no sender
+    of ours compresses)."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _Refused(415, f"Content-Encoding {encoding!r} is not accepted: send the body "
+                            "uncompressed", "invalid")
+    too_large = _Refused(413, f"body larger than max_body_bytes ({limit})", "too_large")
     length = request.content_length
     if length is not None:
-        return None if length > limit else await request.read()
+        if length > limit:
+            raise too_large
+        return await request.read()
     chunks, size = [], 0  # chunked: counted as it comes
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            return None
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -116,9 +134,10 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
 
     if not check_credentials(cfg.webhook_auth, request.headers.get("Authorization")):
         return done("unauthorized", _unauthorized(cfg.webhook_auth, "sms-receiver webhooks"))
-    body = await _read_body(request, cfg.max_body_bytes)
-    if body is None:
-        return done("too_large", _error(413, f"body larger than max_body_bytes ({cfg.max_body_bytes})"))
+    try:
+        body = await _read_body(request, cfg.max_body_bytes)
+    except _Refused as exc:
+        return done(exc.outcome, exc.response)
     r.answering += 1  # its body is in: the planner yields until it is answered
     try:
         return await _answer(request, source, body, done)
@@ -147,9 +166,11 @@ async def _answer(request: web.Request, source: Literal["alertmanager", "grafana
 
     now = r.clock.now()
     nid = new_message_id(now)
+    label, rank = cfg.severity_label, cfg.severity_rank
+    priority = min(rank(a.labels.get(label, "")) for a in wire.alerts)  # planned in this order
     try:
-        fresh = await r.store.receive(Received(nid, now, source, body), dedup_key(wire, source),
-                                      cfg.dedup_window)
+        fresh = await r.store.receive(Received(nid, now, source, body, priority),
+                                      dedup_key(wire, source), cfg.dedup_window)
     except StoreError as exc:
         return done("store_error", _error(503, "could not store the notification; retry"),
                     error=repr(str(exc)))
@@ -180,10 +201,11 @@ async def send(request: web.Request) -> web.Response:
     r = request.app[RECEIVER]
     snap = r.snapshot
     cfg = snap.config
-    body = await _read_body(request, cfg.max_body_bytes)
-    if body is None:
-        r.metrics.webhooks.labels("send", "too_large").inc()
-        return _error(413, f"body larger than max_body_bytes ({cfg.max_body_bytes})")
+    try:
+        body = await _read_body(request, cfg.max_body_bytes)
+    except _Refused as exc:
+        r.metrics.webhooks.labels("send", exc.outcome).inc()
+        return exc.response
     try:
         items = parse_send(body)
     except InvalidPayload as exc:
@@ -251,9 +273,10 @@ async def status_callback(request: web.Request) -> web.Response:
     if not _callback_allowed(request):
         return _error(401, "missing or wrong callback secret")
     if request.method == "POST":
-        body = await _read_body(request, r.config.max_body_bytes)
-        if body is None:
-            return _error(413, "body too large")
+        try:
+            body = await _read_body(request, r.config.max_body_bytes)
+        except _Refused as exc:
+            return exc.response
         ctype = request.content_type
         fields: Any = dict(await request.post()) if ctype.endswith("form-urlencoded") else body
     else:

@@ -126,3 +126,9 @@ def test_status_callbacks_carry_our_message_id():
     assert [(r.api_message_id, r.client_message_id, r.final_state) for r in rest + one_api + bare] == [
         ("api1", "ours1", "delivered"), ("api2", "ours2", "delivered"), ("api3", None, None)
     ]
+
+
+@pytest.mark.parametrize("code", [1e999, "1e999", None, "four", [4]])
+def test_a_status_code_that_is_no_number_is_a_clear_error(code):
+    with pytest.raises(ValueError, match="statusCode"):
+        parse_status_callback({"messageId": "api1", "statusCode": code})

@@ -198,3 +198,18 @@ def test_digest_names_everything_most_urgent_first():
     assert s.sms.text == ("[digest 15m] 3 alerts (2 firing): Alert2 db-2 (critical), "
                           "Alert1 db-1 (warning), Alert3 db-3 (warning, resolved)")
     assert digest([entry(1, at=1), entry(1, status="resolved", at=2)], "quiet hours", 3) is None
+
+
+def test_a_summary_held_again_is_named_not_nested():
+    """A bundle that could not be sent before the throttle held it again: its alerts are named
+    in the next bundle, never its text as a lead (which would nest "+N more" lines)."""
+    items = (Item("fp1", "Alert1 db-1", "warning", 1, "firing"), Item("fp2", "Alert2 db-2", "warning", 1, "firing"))
+    earlier = Entry("b1", 0.5, 1, "warning", "firing",
+                    "[WARNING] FIRING 1: Alert1 db-1 disk almost full\n+1 more: Alert2 db-2 (warning)",
+                    items, summary=True)
+    s = bundle([earlier, entry(3)], max_parts=3)
+    assert s is not None and s.alerts == 3
+    assert s.sms.text == ("[WARNING] FIRING 1: Alert3 db-3 disk almost full\n"
+                          "+2 more: Alert1 db-1 (warning), Alert2 db-2 (warning)")
+    alone = bundle([earlier, entry(1, status="resolved", at=2)], max_parts=3)
+    assert alone is not None and alone.sms.text.startswith("2 held: Alert1 db-1 (warning, fired+resolved)")

@@ -95,7 +95,11 @@ async def sim(start_receiver, fake, http, **overrides: Any) -> Sim:
 
 
 def accounted(text: str) -> int:
-    """Alerts an SMS stands for: the one it leads with plus the "+N more" it counts."""
+    """Alerts an SMS stands for: the one it leads with plus the "+N more" it counts, or the
+    "N held" of a bundle that leads with none."""
+    held = re.match(r"(\d+) held: ", text)
+    if held:
+        return int(held[1])
     more = re.search(r"\+(\d+) more", text)
     return 1 + (int(more[1]) if more else 0)
 
@@ -267,3 +271,30 @@ async def test_held_messages_survive_a_restart(start_receiver, fake, http):
         "Held2 db-1 (warning)"
     )
     assert round(bundles[0]["at"] - START) == 61
+
+
+async def test_an_outage_does_not_become_a_burst_when_clickatell_is_back(start_receiver, fake, http):
+    """Warnings every 5 s while Clickatell is down for 100 s: what could not be sent is not
+    counted by the throttle, so when Clickatell is back the phones still get no more than the
+    rules allow (one a minute, three in two minutes here), every alert named or counted."""
+    rules = [{"count": 1, "window": "20s"}, {"count": 3, "window": "2m"}]
+    s = await sim(start_receiver, fake, http, paging={"throttle": rules})
+    await fake.mode(http, global_error={"code": 901, "status": 503})
+    for i in range(20):
+        await s.post(alert(f"Outage{i}"))
+        for _ in range(5):
+            await s.step(1)
+    assert s.sms == []
+    await fake.mode(http, global_error=None)
+    while True:
+        await s.step(5)
+        status = await s.api("status")
+        if status["outbox"]["pending"] == 0 and not status["outbox"]["byState"].get("held"):
+            break
+        assert s.clock.now() - START < 3 * 3600, "never drained"
+    for number in DB_MEMBERS:
+        times = sorted(m["at"] for m in s.sms if m["to"] == number)
+        for count, window in ((1, 20), (3, 120)):
+            worst = max(sum(1 for t in times if start <= t < start + window) for start in times)
+            assert worst <= count, (number, count, window, times)
+        assert sum(accounted(m["content"]) for m in s.sms if m["to"] == number) == 20, [(m["at"] - START, m["content"]) for m in s.sms if m["to"] == number]

@@ -20,6 +20,7 @@ from receiver.store import (
     Changes,
     Fold,
     MessageQuery,
+    NumberHistory,
     Planned,
     Received,
     RecipientUpdate,
@@ -86,6 +87,13 @@ async def test_concurrent_receives_share_commits_and_twins_in_one_commit_dedup(s
     assert sum(results) == 50 and all(results[:50])
     assert len(await store.unplanned(1000)) == 50
     assert (await store.stats()).unplanned == 50
+
+
+async def test_the_most_urgent_notifications_are_planned_first(store):
+    for i, priority in enumerate((2, 1, 2, 0, 1)):  # a storm of warnings and infos, one critical
+        await store.receive(Received(f"n{i}", 1000.0 + i, "alertmanager", b"{}", priority), key(i), 60.0)
+    assert [r.id for r in await store.unplanned(10)] == ["n3", "n1", "n4", "n0", "n2"]
+    assert [r.id for r in await store.unplanned(2)] == ["n3", "n1"]
 
 
 async def test_planning_stores_messages_and_removes_the_notification_at_once(store):
@@ -186,7 +194,7 @@ async def test_throttle_history_holds_and_folds(store):
     await store.accept([msg("m1"), msg("m2")], 1000.0)
     await store.claim(1000.0, 10, 30.0)
     # the throttle clears A for m1 (a send now) and holds B on m1 and both on m2
-    await store.apply(Changes(1000.0, sends=(A,), admitted=(("m1", A),),
+    await store.apply(Changes(1000.0, sends=(("m1", A),),
                               holds=(("m1", B, 1060.0), ("m2", A, 1060.0), ("m2", B, 1060.0)),
                               hold_reason="throttle"))
     m1, m2 = await store.get_message("m1"), await store.get_message("m2")
@@ -202,7 +210,7 @@ async def test_throttle_history_holds_and_folds(store):
     due = await store.held_numbers(1060.0)
     assert {n: [m.id for m in ms] for n, ms in due.items()} == {A: ["m2"], B: ["m1", "m2"]}
     bundle = msg("bundle", recipients=(B,), admitted=True)
-    await store.apply(Changes(1060.0, messages=(bundle,), sends=(B,),
+    await store.apply(Changes(1060.0, messages=(bundle,), sends=(("bundle", B),),
                               folds=(Fold(("m1", "m2"), "bundle", B),),
                               holds=(("m2", A, 1120.0),)))  # A's hold pushed back
     m1, m2 = await store.get_message("m1"), await store.get_message("m2")
@@ -211,6 +219,23 @@ async def test_throttle_history_holds_and_folds(store):
     assert list(await store.held_numbers(1100.0)) == []
     assert [m.id for m in await store.claim(1060.0, 10, 30.0)] == ["bundle"]
     assert (await store.stats()).held_recipients == 1
+
+
+async def test_a_send_that_did_not_go_out_gives_its_throttle_place_back(store):
+    await store.accept([msg("m")], 1000.0)
+    await store.claim(1000.0, 10, 30.0)
+    await store.apply(Changes(1000.0, sends=(("m", A), ("m", B))))
+    assert (await store.history([A], 900.0))[A].sent_at == [1000.0]
+    # Clickatell answered 503: nothing went out, and the throttle must not count it
+    await store.finish(result("m", 1001.0, retry_at=1005.0, error="HTTP 503"))
+    assert (await store.history([A, B], 900.0)) == {A: NumberHistory([], False), B: NumberHistory([], False)}
+    assert not any(r.admitted for r in (await store.get_message("m")).recipients)
+    # the next attempt is cleared again, and what goes out stays counted
+    (m,) = await store.claim(1005.0, 10, 30.0)
+    await store.apply(Changes(1005.0, sends=(("m", A), ("m", B))))
+    await store.finish(result("m", 1006.0, RecipientUpdate(A, "accepted", "a" * 32), retry_at=1010.0))
+    history = await store.history([A, B], 900.0)
+    assert history[A].sent_at == [1005.0] and history[B].sent_at == []
 
 
 async def test_whole_message_holds_and_collapse(store):
@@ -304,6 +329,11 @@ async def test_a_second_store_on_the_same_file_is_refused_naming_the_holder(stor
     with pytest.raises(StoreError, match=rf"in use by another sms-receiver \(pid {os.getpid()}"):
         await SQLiteStore(store.path).open()
     await store.ping()  # the holder is unaffected
+    link = tmp_path / "elsewhere" / "outbox.db"  # the same file by another name
+    link.parent.mkdir()
+    link.symlink_to(store.path)
+    with pytest.raises(StoreError, match="in use by another sms-receiver"):
+        await SQLiteStore(str(link)).open()
 
 
 def test_the_lock_is_held_by_the_process_and_dropped_when_it_dies(tmp_path: Path):

@@ -109,6 +109,12 @@ async def test_bad_inputs(start_receiver, http):
     assert status == 422
     status, body, _ = await post(http, url, b"x" * 5000)
     assert status == 413 and "max_body_bytes" in body["error"]
+    # a few hundred bytes of gzip that inflate past max_body_bytes: refused unread
+    import gzip
+    bomb = gzip.compress(b'{"alerts": [' + b" " * 300_000 + b"]}")
+    assert len(bomb) < 2048
+    status, body, _ = await post(http, url, bomb, {"Content-Encoding": "gzip"})
+    assert status == 415 and "uncompressed" in body["error"]
     legacy = json.dumps({"title": "t", "ruleId": 1, "ruleName": "r", "state": "alerting", "evalMatches": []})
     status, body, _ = await post(http, f"{rx.url}/webhook/grafana", legacy.encode())
     assert status == 422 and "legacy Grafana" in body["error"]

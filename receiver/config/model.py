@@ -365,6 +365,10 @@ class Config(_Model):
         """The level of a ``severity_label`` value (case-insensitive), else ``default_level``."""
         return self._severity_levels.get(severity.lower(), self.default_level)
 
+    def severity_rank(self, severity: str) -> int:
+        """The rank of a ``severity_label`` value's level (0 is the most urgent)."""
+        return self._ranks[self.severity_level(severity)]
+
     def level_rank(self, name: str) -> int:
         """0 is the most urgent level."""
         return self._ranks[name]

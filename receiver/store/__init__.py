@@ -49,7 +49,8 @@ class Received:
     received_at: float
     source: str
     body: bytes
-    error: str | None = None  # why it could not be planned (it is kept, not retried)
+    priority: int = 0  # its most urgent alert's level rank: the most urgent are planned first
+    error: str | None = None  # why it could not be planned (kept, tried again at the next start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +102,15 @@ class Changes:
 
     at: float
     messages: tuple[NewMessage, ...] = ()  # new summaries
-    sends: tuple[str, ...] = ()  # numbers sent to at ``at``: the throttle's history
-    admitted: tuple[tuple[str, str], ...] = ()  # (message id, number) the throttle cleared
+    # (message id, number) the throttle cleared: sent to at ``at`` in its history. A send that
+    # does not go out gives its place back (finish)
+    sends: tuple[tuple[str, str], ...] = ()
     holds: tuple[tuple[str, str, float], ...] = ()  # (message id, number, until) it holds
     hold_reason: str = ""  # shown on the messages of ``holds``
     folds: tuple[Fold, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.messages or self.sends or self.admitted or self.holds or self.folds)
+        return bool(self.messages or self.sends or self.holds or self.folds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +218,8 @@ class Store(Protocol):
         """Store messages planned at once (``/send``), created ``now``."""
 
     async def unplanned(self, limit: int) -> list[Received]:
-        """The oldest notifications not planned yet (none that failed), in order of receipt."""
+        """Notifications not planned yet (none that failed): the most urgent first, then in
+        order of receipt (a critical page is not planned behind a storm of warnings)."""
 
     async def planned(self, plans: Sequence[Planned]) -> None:
         """Insert each plan's messages and remove its notification (or keep it, with its error)."""
@@ -232,7 +235,9 @@ class Store(Protocol):
         until ``now + lease``, with their recipients; never one of ``exclude``."""
 
     async def finish(self, result: Result) -> MessageState:
-        """Record an attempt's per-recipient results; returns the message's new state."""
+        """Record an attempt's per-recipient results; returns the message's new state. A
+        recipient still pending after the attempt loses its place in the throttle's history:
+        the throttle counts what went out, and clears it again before the next attempt."""
 
     async def retry_now(self, now: float) -> int:
         """Make every pending message due now (after a reload fixed a key)."""

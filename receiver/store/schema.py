@@ -21,8 +21,10 @@ CREATE TABLE notifications (
     received_at REAL NOT NULL,
     source      TEXT NOT NULL,
     body        BLOB NOT NULL,     -- validated on receipt
+    priority    INTEGER NOT NULL,  -- its most urgent alert's level rank: planned first
     error       TEXT
 );
+CREATE INDEX notifications_waiting ON notifications(priority, id) WHERE error IS NULL;
 -- Replay detection: a notification's identity and when it was last accepted.
 CREATE TABLE dedup (
     key     TEXT PRIMARY KEY,
@@ -73,7 +75,7 @@ CREATE TABLE recipients (
     updated_at      REAL NOT NULL,
     hold_until      REAL,
     bundle_id       TEXT,
-    admitted        INTEGER NOT NULL DEFAULT 0,
+    admitted_at     REAL,              -- the throttle counted its send then (sends.sent_at)
     PRIMARY KEY (message_id, number)
 ) WITHOUT ROWID;
 -- the throttle's view: what each number has held

@@ -36,7 +36,7 @@ MESSAGE_COLUMNS = (
 )
 RECIPIENT_COLUMNS = (
     "number, state, api_message_id, error_code, error, delivery_status, updated_at, hold_until, "
-    "bundle_id, admitted"
+    "bundle_id, admitted_at"
 )
 _FINISHED = "(" + ",".join(f"'{s}'" for s in FINISHED_STATES) + ")"
 
@@ -75,9 +75,9 @@ def receive(conn: sqlite3.Connection, items: list[tuple[Received, str, float]]) 
             conn.execute("INSERT INTO dedup(key, seen_at) VALUES " + values(len(new), 2)
                          + " ON CONFLICT(key) DO UPDATE SET seen_at=excluded.seen_at",
                          [v for n, key in new for v in (key, n.received_at)])
-            conn.execute("INSERT INTO notifications(id, received_at, source, body) VALUES "
-                         + values(len(new), 4),
-                         [v for n, _ in new for v in (n.id, n.received_at, n.source, n.body)])
+            conn.execute("INSERT INTO notifications(id, received_at, source, body, priority) VALUES "
+                         + values(len(new), 5),
+                         [v for n, _ in new for v in (n.id, n.received_at, n.source, n.body, n.priority)])
     return fresh
 
 
@@ -97,10 +97,10 @@ def insert(conn: sqlite3.Connection, messages: Sequence[NewMessage],
                 m.hold_until if m.hold_until is not None else t, t, m.hold_reason,
                 json.dumps([i.to_list() for i in m.items]) if m.items else None)],
         )
-    rows = [(m.id, number, "suppressed" if m.suppressed else "pending", t, int(m.admitted))
+    rows = [(m.id, number, "suppressed" if m.suppressed else "pending", t, t if m.admitted else None)
             for m, t in zip(messages, times) for number in m.recipients]
     for chunk in chunks(rows, 300):
-        conn.execute("INSERT INTO recipients(message_id, number, state, updated_at, admitted) "
+        conn.execute("INSERT INTO recipients(message_id, number, state, updated_at, admitted_at) "
                      "VALUES " + values(len(chunk), 5), [v for row in chunk for v in row])
 
 
@@ -119,6 +119,16 @@ def finish(conn: sqlite3.Connection, results: list[Result]) -> list[MessageState
         if r.dead:
             conn.execute("UPDATE recipients SET state='failed', error=?, updated_at=? "
                          "WHERE message_id=? AND state='pending'", (r.last_error, r.at, r.message_id))
+    # what did not go out gives its place in the throttle's history back
+    ids = [r.message_id for r in results if r.retry_at is not None]
+    for chunk in chunks(ids):
+        cleared = conn.execute(
+            f"SELECT number, admitted_at FROM recipients WHERE message_id IN ({marks(len(chunk))}) "
+            "AND state='pending' AND admitted_at IS NOT NULL", chunk).fetchall()
+        conn.executemany("DELETE FROM sends WHERE rowid=(SELECT rowid FROM sends WHERE number=? "
+                         "AND sent_at=? LIMIT 1)", cleared)
+        conn.execute(f"UPDATE recipients SET admitted_at=NULL WHERE message_id IN ({marks(len(chunk))}) "
+                     "AND state='pending'", chunk)
     counts: dict[str, dict[str, int]] = {r.message_id: {} for r in results}
     for chunk in chunks(list(counts)):
         for message_id, state, n in conn.execute(
@@ -193,7 +203,7 @@ def with_recipients(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> li
         for row in conn.execute(
                 f"SELECT message_id, {RECIPIENT_COLUMNS} FROM recipients "
                 f"WHERE message_id IN ({','.join('?' * len(chunk))})", chunk):
-            by_message[row[0]].append(RecipientRecord(*row[1:10], admitted=bool(row[10])))
+            by_message[row[0]].append(RecipientRecord(*row[1:10], admitted=row[10] is not None))
     return [record(r, by_message[r[0]]) for r in rows]
 
 
@@ -203,12 +213,12 @@ def with_recipients(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> li
 
 def unplanned(conn: sqlite3.Connection, limit: int) -> list[Received]:
     return [Received(*row) for row in conn.execute(
-        "SELECT id, received_at, source, body FROM notifications WHERE error IS NULL "
-        "ORDER BY id LIMIT ?", (limit,))]
+        "SELECT id, received_at, source, body, priority FROM notifications WHERE error IS NULL "
+        "ORDER BY priority, id LIMIT ?", (limit,))]
 
 
 def received(conn: sqlite3.Connection, notification_id: str) -> Received | None:
-    row = conn.execute("SELECT id, received_at, source, body, error FROM notifications WHERE id=?",
+    row = conn.execute("SELECT id, received_at, source, body, priority, error FROM notifications WHERE id=?",
                        (notification_id,)).fetchone()
     return None if row is None else Received(*row)
 
@@ -316,8 +326,9 @@ def apply(conn: sqlite3.Connection, c: Changes) -> None:
     at = c.at
     if c.messages:
         insert(conn, c.messages, at)
-    conn.executemany("INSERT INTO sends(number, sent_at) VALUES (?,?)", [(n, at) for n in c.sends])
-    conn.executemany("UPDATE recipients SET admitted=1 WHERE message_id=? AND number=?", c.admitted)
+    conn.executemany("INSERT INTO sends(number, sent_at) VALUES (?,?)", [(n, at) for _, n in c.sends])
+    conn.executemany("UPDATE recipients SET admitted_at=? WHERE message_id=? AND number=?",
+                     [(at, mid, n) for mid, n in c.sends])
     conn.executemany(
         "UPDATE recipients SET state='held', hold_until=?, updated_at=? "
         "WHERE message_id=? AND number=? AND state IN ('pending','held')",
@@ -333,25 +344,28 @@ def apply(conn: sqlite3.Connection, c: Changes) -> None:
 # Reporting and housekeeping
 
 
+def reported_message(conn: sqlite3.Connection, api_message_id: str, now: float) -> str | None:
+    """The message a report without our id is about: searched among the messages of the last
+    REPORT_WINDOW (their ids start with their creation time), by the primary key's prefix."""
+    row = conn.execute("SELECT message_id FROM recipients WHERE message_id>=? AND api_message_id=? "
+                       "LIMIT 1", (f"{int((now - REPORT_WINDOW) * 1000):011x}", api_message_id)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def delivery_report(conn: sqlite3.Connection, api_message_id: str, status: str,
-                    final_state: RecipientState | None, now: float, message_id: str | None) -> bool:
-    # by primary key prefix: the message's own recipients, or (no clientMessageId) the
-    # messages of the last REPORT_WINDOW, whose ids start with their creation time
-    if message_id:
-        where, key = "message_id=? AND api_message_id=?", message_id
-    else:
-        where, key = "message_id>=? AND api_message_id=?", f"{int((now - REPORT_WINDOW) * 1000):011x}"
+                    final_state: RecipientState | None, now: float, message_id: str) -> bool:
+    where = "message_id=? AND api_message_id=?"
     found = conn.execute(
         f"UPDATE recipients SET delivery_status=?, updated_at=? WHERE {where} "
         "AND state NOT IN ('delivered','undelivered')",  # reports can arrive out of order
-        (status, now, key, api_message_id),
+        (status, now, message_id, api_message_id),
     ).rowcount
     if final_state is not None:
         conn.execute(f"UPDATE recipients SET state=? WHERE {where} AND state='accepted'",
-                     (final_state, key, api_message_id))
+                     (final_state, message_id, api_message_id))
     if not found:
         found = conn.execute(f"SELECT 1 FROM recipients WHERE {where}",
-                             (key, api_message_id)).fetchone() is not None
+                             (message_id, api_message_id)).fetchone() is not None
     return bool(found)
 
 

@@ -5,6 +5,10 @@ group-committing :class:`~receiver.store.writer.Writer` and read through a conne
 The WAL is checkpointed (copied into the database file, which is then fsync'd) by a connection
 and thread of its own, at most every :data:`CHECKPOINT_INTERVAL`, rather than inside a COMMIT:
 a checkpoint takes milliseconds to tens of them, and every webhook of that commit would wait.
+Such a checkpoint never waits for the writer, so under a steady stream of commits the WAL could
+never start over and would grow until the disk is full: once it holds more than
+:data:`WAL_LIMIT` frames, the checkpointer waits for the writer between two commits, copies the
+rest and truncates the file (the writer waits for it meanwhile, a few milliseconds).
 
 One process owns the file: :func:`lock` takes an exclusive ``flock`` on ``<file>.lock`` before
 anything is opened, and a second ``sms-receiver run`` on the same path refuses to start, naming
@@ -46,6 +50,7 @@ T = TypeVar("T")
 log = logging.getLogger("sms_receiver.store")
 
 CHECKPOINT_INTERVAL = 2.0  # seconds between WAL checkpoints, at most
+WAL_LIMIT = 4096  # frames (pages, 4 KiB each) in the WAL beyond which it is truncated
 # How long a commit may run, and writes may fail for another reason than a full disk, before the
 # store is in trouble: a restart (liveness) is then the way out. A full disk is waited out: a
 # restart makes no room, and would drop the results this process still has to record.
@@ -56,8 +61,9 @@ FAILING_LIMIT = 300.0
 def lock(path: str) -> int:
     """Hold ``<path>.lock`` exclusively for as long as this process lives (the kernel drops the
     lock when it dies, however it dies); return its descriptor. Raise :class:`StoreError`
-    naming the path and the holder's pid when another process has it."""
-    path = os.path.abspath(path)
+    naming the path and the holder's pid when another process has it. The lock is beside the
+    file the path leads to: a symlink to an outbox in use is refused too."""
+    path = os.path.realpath(path)
     name = f"{path}.lock"
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -167,7 +173,9 @@ class SQLiteStore:
     @staticmethod
     def _run_checkpoint(conn: sqlite3.Connection) -> None:
         # PASSIVE: copies what it can without waiting for (or blocking) the writer and readers
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames > WAL_LIMIT:  # waits for the writer (busy timeout), copies the rest, truncates
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _checkpointed(self, done: asyncio.Future[None]) -> None:
         self._checkpoint = None
@@ -278,8 +286,13 @@ class SQLiteStore:
     async def delivery_report(self, api_message_id: str, status: str,
                               final_state: RecipientState | None, now: float,
                               message_id: str | None = None) -> bool:
+        if not message_id:  # searched by the reader: the writer's commits do not wait for it
+            message_id = await self._read(lambda conn: sql.reported_message(conn, api_message_id, now))
+            if message_id is None:
+                return False
+        mid = message_id
         return await self._write(lambda conn: sql.delivery_report(
-            conn, api_message_id, status, final_state, now, message_id))
+            conn, api_message_id, status, final_state, now, mid))
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         return await self._read(lambda conn: sql.get_message(conn, message_id))
