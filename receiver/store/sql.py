@@ -306,7 +306,9 @@ def history(conn: sqlite3.Connection, numbers: Sequence[str], since: float) -> d
 
 def held_messages(conn: sqlite3.Connection, now: float) -> list[MessageRecord]:
     return with_recipients(conn, conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE state='held' AND next_attempt_at<=? "
+        # Without the hint the planner walks every finished message in created_at order.
+        f"SELECT {MESSAGE_COLUMNS} FROM messages INDEXED BY messages_held "
+        "WHERE state='held' AND next_attempt_at<=? "
         "AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id=messages.id AND r.state='pending') "
         "ORDER BY created_at", (now,)).fetchall())
 
