@@ -98,6 +98,7 @@ class Writer:
         self.disk_full = False  # they fail because the disk is full (room will come back)
         self.broken: str | None = None  # a fault that ended this writer
         self.busy_since: float | None = None  # monotonic: when the running batch began
+        self._checkpoint_due = False  # checkpoint from this connection before the next batch
         self._on_broken = on_broken
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._lock = threading.Lock()  # guards the two below, shared by the loop and the thread
@@ -140,10 +141,23 @@ class Writer:
             self._thread.submit(self._drain, loop)
         return await future
 
+    def checkpoint_soon(self) -> None:
+        """Checkpoint the WAL from the writer's connection before its next batch. Between two
+        commits nothing writes, so every frame is copied and the next commit starts the WAL
+        over: a checkpoint from another connection never catches a writer that never pauses."""
+        self._checkpoint_due = True
+
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """In the thread: commit batch after batch until the queue is empty. The thread takes the
         next batch itself, rather than waiting for the busy event loop to hand it over."""
         while True:
+            if self._checkpoint_due:
+                self._checkpoint_due = False
+                try:
+                    assert self.conn is not None
+                    self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    loop.call_soon_threadsafe(self._checkpoint_failed, exc)
             with self._lock:
                 batch, self._queue = self._queue, []
                 if not batch:
@@ -193,6 +207,11 @@ class Writer:
                 pass  # SQLite rolled back already (a failed COMMIT), or cannot: the fault says
             raise
         return results, conn.total_changes != changes
+
+    def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
+        if fault(exc) == "broken" and self.broken is None:
+            self.broken = str(exc)
+            self._on_broken(self.broken)
 
     def _settle(self, batch: list[_Op], outcome: Outcome) -> None:
         """In the loop: answer the writes of a batch."""
