@@ -77,19 +77,22 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     if encoding not in ("", "identity"):
         raise _Refused(415, f"Content-Encoding {encoding!r} is not accepted: send the body "
                             "uncompressed", "invalid")
-    too_large = _Refused(413, f"body larger than max_body_bytes ({limit})", "too_large")
     length = request.content_length
     if length is not None:
         if length > limit:
-            raise too_large
+            raise _too_large(limit)
         return await request.read()
     chunks, size = [], 0  # chunked: counted as it comes
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> _Refused:
+    return _Refused(413, f"body larger than max_body_bytes ({limit})", "too_large")
 
 
 def _unauthorized(auth: AdminAuth, realm: str) -> web.Response:
