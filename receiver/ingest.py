@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import pydantic_core
@@ -72,6 +72,10 @@ class _WireNotification(_Wire):
     # Grafana
     title: str | None = None
     message: str | None = None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _zero_to_none(value: datetime | None) -> datetime | None:
@@ -197,11 +201,18 @@ def dedup_key(wire: Webhook, source: WebhookSource) -> str:
     same states; any change (an alert added, one resolving, a new startsAt) is a new key.
     """
     alerts = sorted(
-        f"{a.fingerprint or label_fingerprint(a.labels)}:{a.status}:"
-        f"{start.isoformat() if (start := _zero_to_none(a.startsAt)) else ''}"
+        f"{a.fingerprint or label_fingerprint(a.labels)}:{a.status}:{_micros(a.startsAt)}"
         for a in wire.alerts
     )
     return hashlib.sha256("\x00".join([source, wire.groupKey or "", *alerts, ""]).encode()).hexdigest()
+
+
+def _micros(value: datetime | None) -> int | str:
+    """An instant as integer microseconds since the epoch ("" when not set): the same instant
+    written with any offset is the same key; a time without an offset is UTC."""
+    if (value := _zero_to_none(value)) is None:
+        return ""
+    return ((value if value.tzinfo else value.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND
 
 
 # ---------------------------------------------------------------------------------------------

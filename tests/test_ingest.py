@@ -97,7 +97,14 @@ def test_dedup_key_identity():
     assert key(json.dumps(body).encode()) == a
     assert key(fixture("alertmanager-0.25-resolved.json")) != a
     body["alerts"][0]["startsAt"] = "2026-11-22T21:00:00Z"  # the alert fired again
-    assert key(json.dumps(body).encode()) != a
+    fired_again = key(json.dumps(body).encode())
+    assert fired_again != a
+    body["alerts"][0]["startsAt"] = "2026-11-22T23:00:00.000000000+02:00"  # the same instant
+    assert key(json.dumps(body).encode()) == fired_again
+    body["alerts"][0]["startsAt"] = "2026-11-22T21:00:00"  # no offset: UTC
+    assert key(json.dumps(body).encode()) == fired_again
+    body["alerts"][0]["startsAt"] = "0001-01-01T00:00:00Z"  # Go's zero time: not set
+    assert key(json.dumps(body).encode()) != fired_again
     assert a != key(fixture("alertmanager-0.25-grouped-firing.json"), "grafana")
     # Alertmanager's nanoseconds and an HA peer's identical copy: the same key
     assert key(fixture("alertmanager-0.25-firing.json")) == key(fixture("alertmanager-0.25-firing.json"))
