@@ -219,7 +219,7 @@ def receiver_config(port: int, db: Path, clickatell_url: str, **dispatch: Any) -
         "paging": {"throttle": []},  # flood control would hold back repeated pages to one phone
         "groups": [{"id": "oncall", "name": "Bench on-call", "level": "info", "members": MEMBERS}],
         "default_groups": ["oncall"],
-        "dispatch": {"concurrency": 16, **dispatch},
+        "dispatch": dict(dispatch),  # its defaults (concurrency 8) unless a phase sets one
     }
 
 
