@@ -170,7 +170,8 @@ async def _answer(request: web.Request, source: Literal["alertmanager", "grafana
     now = r.clock.now()
     nid = new_message_id(now)
     label, rank = cfg.severity_label, cfg.severity_rank
-    priority = min(rank(a.labels.get(label, "")) for a in wire.alerts)  # planned in this order
+    # planned in this order; ranked once per severity (a storm's alerts mostly share one)
+    priority = min(map(rank, {a.labels.get(label, "") for a in wire.alerts}))
     try:
         fresh = await r.store.receive(Received(nid, now, source, body, priority),
                                       dedup_key(wire, source), cfg.dedup_window)
