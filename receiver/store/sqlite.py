@@ -109,7 +109,7 @@ class SQLiteStore:
         self._r: sqlite3.Connection | None = None
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
         self._ck: sqlite3.Connection | None = None
-        self._checkpoint: asyncio.Future[int] | None = None  # running
+        self._checkpoint: asyncio.Future[int | None] | None = None  # running
         self._wal_frames = 0  # in the WAL after the last checkpoint
         self._next_checkpoint = 0.0  # monotonic
 
@@ -178,18 +178,21 @@ class SQLiteStore:
         self._checkpoint.add_done_callback(self._checkpointed)
 
     @staticmethod
-    def _run_checkpoint(conn: sqlite3.Connection) -> int:
+    def _run_checkpoint(conn: sqlite3.Connection) -> int | None:
         """PASSIVE: copies what it can without waiting for (or blocking) the writer and readers;
-        returns the frames the WAL holds."""
-        return int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+        returns the frames the WAL holds, None when the writer's own checkpoint was running."""
+        busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return None if busy else int(frames)
 
-    def _checkpointed(self, done: asyncio.Future[int]) -> None:
-        self._checkpoint, previous = None, self._wal_frames
+    def _checkpointed(self, done: asyncio.Future[int | None]) -> None:
+        self._checkpoint = None
         exc = None if done.cancelled() else done.exception()
         if exc is None:
-            frames, self._wal_frames = done.result(), done.result()
-            if frames > WAL_LIMIT and frames >= previous:  # past the limit, and not starting over
-                self._w.checkpoint_soon()
+            frames, previous = done.result(), self._wal_frames
+            if frames is not None:
+                self._wal_frames = frames
+                if frames > WAL_LIMIT and frames >= previous:  # past the limit, not starting over
+                    self._w.checkpoint_soon()
             return
         if fault(exc) == "broken":
             self._on_broken(str(exc))

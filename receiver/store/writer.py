@@ -22,6 +22,7 @@ SQLite works, so the event loop keeps answering.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Any, Literal, TypeVar
 from receiver.store import StoreError
 
 T = TypeVar("T")
+log = logging.getLogger("sms_receiver.store")
 Outcome = tuple[list[tuple[bool, Any]], bool] | BaseException  # (results, wrote) or the failure
 
 # Extended codes of a write that did not happen: ENOSPC, EFBIG, EIO on write(), a failed truncate
@@ -151,20 +153,15 @@ class Writer:
         """In the thread: commit batch after batch until the queue is empty. The thread takes the
         next batch itself, rather than waiting for the busy event loop to hand it over."""
         while True:
-            if self._checkpoint_due:
-                self._checkpoint_due = False
-                try:
-                    assert self.conn is not None
-                    self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:
-                    loop.call_soon_threadsafe(self._checkpoint_failed, exc)
             with self._lock:
                 batch, self._queue = self._queue, []
                 if not batch:
                     self._committing = False
                     return
-            self.busy_since = time.monotonic()
+            self.busy_since = time.monotonic()  # a checkpoint that hangs is a stall too
             try:
+                if self._checkpoint_due:
+                    self._checkpoint(loop)
                 outcome: Outcome = self._apply(batch)
             except Exception as exc:  # the batch, or its COMMIT, failed: nothing of it is stored
                 outcome = exc
@@ -208,8 +205,19 @@ class Writer:
             raise
         return results, conn.total_changes != changes
 
-    def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
-        if fault(exc) == "broken" and self.broken is None:
+    def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the thread, between two commits: see :meth:`checkpoint_soon`."""
+        self._checkpoint_due = False
+        assert self.conn is not None
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception as exc:  # the WAL keeps its frames; the commit after it says if writes work
+            loop.call_soon_threadsafe(self._checkpoint_failed, exc)
+
+    def _checkpoint_failed(self, exc: Exception) -> None:
+        if fault(exc) != "broken":
+            log.warning("WAL checkpoint by the writer failed (the WAL grows until one works): %s", exc)
+        elif self.broken is None:
             self.broken = str(exc)
             self._on_broken(self.broken)
 
