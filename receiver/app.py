@@ -55,6 +55,7 @@ class Receiver:
         self.on_fatal: Callable[[str], None] = lambda reason: None
         self.store = store or open_store(
             config.storage, on_broken=lambda reason: self._fail(f"the outbox failed ({reason})"))
+        self.metrics.store.usage = self.store.usage
         self._snapshot = Snapshot.build(config)
         self._client = self._new_client(config)
         self._retired: dict[asyncio.Task[None], ClickatellClient] = {}  # replaced by a reload

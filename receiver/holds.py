@@ -7,9 +7,8 @@ that return the :class:`~receiver.store.Changes` to write; :func:`gate` and :fun
 decide and write. The rules themselves are :mod:`receiver.paging` (throttle, quiet hours,
 digests) and :mod:`receiver.summary` (the texts).
 
-Reads and the write that follows are separate transactions, which is sound while one dispatcher
-decides for a store: the embedded store has one process (its file lock), and the dispatcher runs
-:func:`release` and :func:`gate` one after the other.
+:func:`gate` and :func:`release` run inside :meth:`Store.deciding`: what they read is still
+true when they write, whichever replica (PostgreSQL) or task decides.
 """
 
 from __future__ import annotations
@@ -171,9 +170,10 @@ async def gate(store: Store, claimed: list[MessageRecord], throttle: Throttle, n
     numbers = ungated(claimed) if throttle.rules else []
     if not numbers:
         return Admission(claimed, Changes(now), {})
-    admission = admit(claimed, await store.history(numbers, now - throttle.horizon), throttle, now)
-    if admission.changes:
-        await store.apply(admission.changes)
+    async with store.deciding() as d:
+        admission = admit(claimed, await d.history(numbers, now - throttle.horizon), throttle, now)
+        if admission.changes:
+            await d.apply(admission.changes)
     return admission
 
 
@@ -181,15 +181,17 @@ async def release(store: Store, throttle: Throttle, max_parts: int, new_id: IdSo
                   now: float) -> list[Released]:
     """Turn the holds that are due into summaries (or later holds), each kind in one write."""
     out: list[Released] = []
-    held = await store.held_messages(now)
-    if held:
-        changes, released = release_groups(held, max_parts, new_id, now)
-        await store.apply(changes)
-        out += released
-    due = await store.held_numbers(now)
-    if due:
-        histories = await store.history(list(due), now - throttle.horizon)
-        changes, released = release_numbers(due, histories, throttle, max_parts, new_id, now)
-        await store.apply(changes)
-        out += released
+    async with store.deciding() as d:
+        held = await d.held_messages(now)
+        if held:
+            changes, released = release_groups(held, max_parts, new_id, now)
+            await d.apply(changes)
+            out += released
+    async with store.deciding() as d:
+        due = await d.held_numbers(now)
+        if due:
+            histories = await d.history(list(due), now - throttle.horizon)
+            changes, released = release_numbers(due, histories, throttle, max_parts, new_id, now)
+            await d.apply(changes)
+            out += released
     return out

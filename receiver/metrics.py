@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from receiver import __version__
 from receiver.models import MESSAGE_STATES, NewMessage
@@ -207,6 +209,8 @@ class Metrics:
             p + "dispatcher_last_run_timestamp_seconds", "When the dispatcher loop last ran.",
             registry=r,
         )
+        self.store = _StoreCollector()
+        r.register(self.store)
         self.build = Info(p + "build", "Build information.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._init_static()
@@ -289,3 +293,34 @@ class Metrics:
 
     def status_code(self, status: int | None) -> str:
         return "none" if status is None else str(status) if 100 <= status <= 599 else "other"
+
+
+class _StoreCollector(Collector):
+    """The outbox's connections and claims, read from the store at each scrape (its own
+    counters: the store keeps them as plain numbers, and a scrape reads them whole)."""
+
+    def __init__(self) -> None:
+        self.usage: Callable[[], Any] | None = None  # the store's usage(), once it exists
+
+    def collect(self) -> Iterator[Metric]:
+        u = self.usage() if self.usage is not None else None
+        p = "sms_receiver_store_"
+        info = GaugeMetricFamily(p + "backend", "The outbox's backend (1 for the one in use).",
+                                 labels=["backend"])
+        for backend in ("sqlite", "postgresql"):
+            info.add_metric([backend], float(u is not None and u.backend == backend))
+        yield info
+        conns = GaugeMetricFamily(p + "connections", "Database connections of the outbox's pool "
+                                  "(PostgreSQL), by state.", labels=["state"])
+        conns.add_metric(["in_use"], u.connections_in_use if u else 0)
+        conns.add_metric(["idle"], u.connections_idle if u else 0)
+        yield conns
+        yield GaugeMetricFamily(p + "waiting", "Operations waiting for a pooled database connection.",
+                                value=u.waiting if u else 0)
+        yield CounterMetricFamily(p + "errors", "Outbox operations that failed on the database or its "
+                                  "connection (PostgreSQL: down, restarting, unreachable).",
+                                  value=u.errors if u else 0)
+        yield CounterMetricFamily("sms_receiver_claims_taken_over", "Messages this process claimed "
+                                  "after another claim on them ran out (a replica died or lost the "
+                                  "database; SQLite: claims released at start): sent again.",
+                                  value=u.claims_taken_over if u else 0)

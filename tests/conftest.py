@@ -96,16 +96,31 @@ def _settle(receiver: Receiver) -> Any:
 
 
 @pytest.fixture
-async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake):
-    """``await start_receiver(**config_overrides)`` → a running receiver sending to the fake."""
+def backend() -> str:
+    """The outbox backend of ``start_receiver``; a module parametrises it to run on both."""
+    return __import__("os").environ.get("SMS_TEST_BACKEND", "sqlite")
+
+
+@pytest.fixture
+async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake, backend: str, request):
+    """``await start_receiver(**config_overrides)`` → a running receiver sending to the fake.
+    ``db`` names the outbox (the same name: the same outbox, e.g. across a restart)."""
     started: list[Receiver] = []
+    databases: dict[str, str] = {}
+
+    def storage(db: str) -> str:
+        if backend == "sqlite":
+            return f"sqlite://{tmp_path}/{db}"
+        if db not in databases:
+            databases[db] = request.getfixturevalue("pg_server").database()
+        return databases[db]
 
     async def start(*, clickatell: dict[str, Any] | None = None, dispatch: dict[str, Any] | None = None,
                     receiver_kwargs: dict[str, Any] | None = None, run_dispatcher: bool = True,
                     db: str | None = None, settle: bool = True, run_planner: bool = True,
                     **overrides: Any) -> Running:
         cfg = make_config(
-            storage=f"sqlite://{tmp_path}/{db or f'outbox-{len(started)}.db'}",
+            storage=storage(db or f"outbox-{len(started)}.db"),
             clickatell={"api_key": API_KEY, "base_url": fake.url, "timeout": "2s", **(clickatell or {})},
             dispatch={"retry_initial": "20ms", "retry_max": "100ms", "poll_interval": "50ms",
                       **(dispatch or {})},
@@ -124,3 +139,29 @@ async def start_receiver(aiohttp_server, tmp_path: Path, fake: Fake):
     yield start
     for receiver in started:
         await receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL cluster for the session (tests/pg.py): required in CI, skipped elsewhere
+    when PostgreSQL is not installed."""
+    import os
+
+    from tests import pg
+
+    if pg.binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is required in CI (.ci/run installs it)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    import shutil
+
+    server = pg.start()  # in /tmp itself: pytest's own directories are closed to other users
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a new, empty database on the session's server."""
+    return pg_server.database()

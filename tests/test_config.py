@@ -130,12 +130,34 @@ def test_default_template_always_present():
     ("sqlite:///var/lib/x/", "names no file"),
     ("sqlite://:memory:", "names no file"),
     ("sqlite:///x.db?busy_timeout=1s", "takes no options"),
-    ("postgresql://sms@db:5432/sms", "not available in this release"),
+    ("postgresql://sms@db:99999/sms", "out of range"),
+    ("postgresql://sms@db/sms?sslmode=sometimes", "sslmode 'sometimes' is not one of"),
+    ("postgresql://sms@db/sms?sslmode=require&sslmode=disable", "sslmode is given 2 times"),
+    ("postgresql://sms@db/sms#x", "no #fragment"),
     ("mysql://x", "is not a storage URL"),
 ])
 def test_storage_is_exactly_what_run_can_open(url, problem):
     errs = errors_of(f"storage: {url!r}\n")
     assert len(errs) == 1 and errs[0].startswith("storage: ") and problem in errs[0], errs
+
+
+def test_postgresql_storage_and_its_password(tmp_path: Path):
+    """A PostgreSQL URL as asyncpg takes it (TLS options passed through); the password in the
+    URL, in a file beside it, or from PGPASSWORD; never shown when the storage is printed."""
+    url = "postgresql://sms:s3cret@db.example:5433/sms?sslmode=verify-full&sslrootcert=/ca.pem"
+    s = make_config(storage=url).storage
+    assert (s.kind, s.url, s.password) == ("postgresql", url, None)
+    assert "s3cret" not in str(s) and "s3cret" not in repr(s) and str(s).startswith("postgresql://sms:***@db")
+    (tmp_path / "pw").write_text("from-a-file\n")
+    cfg = parse_config("storage: {url: 'postgresql://sms@db/sms', password_file: pw}\n", env={},
+                       base_dir=tmp_path)
+    assert (cfg.storage.url, cfg.storage.password) == ("postgresql://sms@db/sms", "from-a-file")
+    assert "from-a-file" not in repr(cfg)
+    assert make_config(storage="postgres://db/sms").storage.kind == "postgresql"  # PG* fill the rest
+    (both,) = errors_of("storage: {url: 'postgresql://sms:x@db/sms', password: y}\n")
+    assert both.startswith("storage: ") and "not both" in both
+    (stray,) = errors_of("storage: {url: 'postgresql://db/sms', pasword: y}\n")
+    assert "unknown key 'pasword'" in stray
 
 
 def test_storage_paths():

@@ -1,8 +1,10 @@
 """Paging behaviour end to end: real HTTP into the receiver, the fake Clickatell as the phone
 network, and an injected clock that the test moves (the dispatcher is driven step by step).
 
-The storm test prints its numbers (SMS per phone, worst critical delay, alerts that reached
-nobody); run it with ``-s`` to see them."""
+Every test runs on both outbox backends (SQLite and a real PostgreSQL): the paging policy
+lives outside the store, and must behave the same on either. The storm test prints its numbers
+(SMS per phone, worst critical delay, alerts that reached nobody); run it with ``-s`` to see
+them."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any
 
 import aiohttp
 
+import pytest
+
 from receiver.clock import FakeClock
 from receiver.config import DEFAULT_THROTTLE
 from tests.conftest import Fake, Running, planned
@@ -23,6 +27,11 @@ JSON = {"Content-Type": "application/json"}
 TEMPLATE = json.loads(fixture("alertmanager-0.25-grouped-firing.json"))
 DB_MEMBERS = ("886911960999", "886911960998")
 START = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
 
 
 @dataclass

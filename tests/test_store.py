@@ -1,5 +1,7 @@
-"""The SQLite outbox through its protocol: intake and dedup, planning, claims and leases, results,
-holds, reports, stats, pruning; the file lock and the schema versions."""
+"""The outbox through its protocol, on both backends (SQLite and a real PostgreSQL): intake and
+dedup, planning, claims and leases, results, holds, reports, stats, pruning; then what is each
+backend's own: SQLite's file lock, WAL and query plans; PostgreSQL's shared claims, fencing and
+policy lock; and both schemas' versions."""
 
 import asyncio
 import hashlib
@@ -27,6 +29,9 @@ from receiver.store import (
     Result,
     StoreError,
 )
+from receiver.config import Storage
+from receiver.store.postgres import PostgresStore
+from receiver.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
 from receiver.store.schema import MIGRATIONS, SchemaError, migrate
 from receiver.store.sqlite import SQLiteStore
 
@@ -59,10 +64,35 @@ async def opened(path: Path) -> AsyncIterator[SQLiteStore]:
         await s.close()
 
 
-@pytest.fixture
-async def store(tmp_path: Path):
-    async with opened(tmp_path / "outbox.db") as s:
+@asynccontextmanager
+async def opened_pg(url: str) -> AsyncIterator[PostgresStore]:
+    s = PostgresStore(Storage(url))
+    await s.open()
+    try:
         yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request, tmp_path: Path):
+    if request.param == "sqlite":
+        async with opened(tmp_path / "outbox.db") as s:
+            yield s
+    else:
+        async with opened_pg(request.getfixturevalue("pg_url")) as s:
+            yield s
+
+
+def counted_by_state(store) -> dict[str, int]:
+    """The messages per state as the table holds them, counted the slow way."""
+    if isinstance(store, SQLiteStore):
+        with closing(sqlite3.connect(store.path)) as conn:
+            return dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state"))
+    out = subprocess.run(["psql", "-X", "-At", "-F", " ", store.storage.url, "-c",
+                          "SELECT state, count(*) FROM messages GROUP BY state"],
+                         capture_output=True, text=True, check=True).stdout
+    return {state: int(n) for state, n in (line.split() for line in out.splitlines())}
 
 
 # -- intake and planning ---------------------------------------------------------------------------
@@ -299,9 +329,8 @@ async def test_stats_count_every_state_without_a_scan(store):
     stats = await store.stats()
     assert {k: v for k, v in stats.by_state.items() if v} == {"pending": 1, "sending": 1, "suppressed": 1}
     assert stats.pending == 2 and stats.oldest_pending_age(1010.0) == 10.0
-    with closing(sqlite3.connect(store.path)) as conn:  # kept by triggers: equal to a count
-        counted = dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state"))
-    assert {k: v for k, v in stats.by_state.items() if v} == counted
+    # kept by triggers: equal to a count
+    assert {k: v for k, v in stats.by_state.items() if v} == counted_by_state(store)
 
 
 async def test_prune_is_chunked_and_keeps_recent_and_unfinished(store):
@@ -325,15 +354,16 @@ async def test_prune_is_chunked_and_keeps_recent_and_unfinished(store):
 # -- the file -----------------------------------------------------------------------------------
 
 
-async def test_a_second_store_on_the_same_file_is_refused_naming_the_holder(store, tmp_path: Path):
-    with pytest.raises(StoreError, match=rf"in use by another sms-receiver \(pid {os.getpid()}"):
-        await SQLiteStore(store.path).open()
-    await store.ping()  # the holder is unaffected
-    link = tmp_path / "elsewhere" / "outbox.db"  # the same file by another name
-    link.parent.mkdir()
-    link.symlink_to(store.path)
-    with pytest.raises(StoreError, match="in use by another sms-receiver"):
-        await SQLiteStore(str(link)).open()
+async def test_a_second_store_on_the_same_file_is_refused_naming_the_holder(tmp_path: Path):
+    async with opened(tmp_path / "outbox.db") as store:
+        with pytest.raises(StoreError, match=rf"in use by another sms-receiver \(pid {os.getpid()}"):
+            await SQLiteStore(store.path).open()
+        await store.ping()  # the holder is unaffected
+        link = tmp_path / "elsewhere" / "outbox.db"  # the same file by another name
+        link.parent.mkdir()
+        link.symlink_to(store.path)
+        with pytest.raises(StoreError, match="in use by another sms-receiver"):
+            await SQLiteStore(str(link)).open()
 
 
 def test_the_lock_is_held_by_the_process_and_dropped_when_it_dies(tmp_path: Path):
@@ -444,3 +474,116 @@ async def test_the_wal_starts_over_under_writes_that_never_pause(tmp_path: Path,
         assert len(await s.unplanned(10_000)) == 2400
     written = 2400 * 2000
     assert largest < written, (largest, written)  # it started over: ~1 MB (without: 18 MB)
+
+
+# -- PostgreSQL: several replicas on one database ---------------------------------------------------
+
+
+@pytest.fixture
+async def replicas(pg_url):
+    """Two stores on one database, as two replicas have."""
+    async with opened_pg(pg_url) as a, opened_pg(pg_url) as b:
+        yield a, b
+
+
+async def test_an_ha_pair_sending_to_two_replicas_pages_once(replicas):
+    """Both Alertmanagers of a pair send each notification, one to each replica, at once: the
+    dedup key is checked in the transaction that stores it, so one notification is stored."""
+    a, b = replicas
+    answers = await asyncio.gather(*[
+        s.receive(Received(f"{s is a}{i:03d}", 1000.0, "alertmanager", b"{}"), key(i), 60.0)
+        for i in range(100) for s in (a, b)])
+    assert sum(answers) == 100
+    assert all(answers[2 * i] != answers[2 * i + 1] for i in range(100))  # exactly one of each pair
+    assert len(await a.unplanned(1000)) + len(await b.unplanned(1000)) == 100
+
+
+async def test_replicas_plan_and_claim_each_message_once(replicas):
+    a, b = replicas
+    for i in range(40):
+        await a.receive(Received(f"n{i:02d}", 1000.0, "alertmanager", b"{}"), key(i), 60.0)
+    taken = [await a.unplanned(25), await b.unplanned(25)]  # each planner leases its own
+    assert len(taken[0]) == 25 and len(taken[1]) == 15
+    assert not {n.id for n in taken[0]} & {n.id for n in taken[1]}
+    await a.accept([msg(f"m{i:02d}") for i in range(40)], 1000.0)
+    claims = await asyncio.gather(*[s.claim(1000.0, 5, 30.0) for _ in range(8) for s in (a, b)])
+    ids = [m.id for c in claims for m in c]
+    assert len(ids) == len(set(ids)) == 40
+
+
+async def test_a_dead_replicas_claims_are_taken_over_and_its_late_result_is_fenced(replicas):
+    a, b = replicas
+    await a.accept([msg("m")], 1000.0)
+    (mine,) = await a.claim(1000.0, 10, lease=30.0)  # a sends, then loses the database
+    assert await b.claim(1029.0, 10, 30.0) == []  # the lease still holds
+    (theirs,) = await b.claim(1030.0, 10, 30.0)
+    assert theirs.attempts == mine.attempts + 1 and b.usage().claims_taken_over == 1
+    # a's result arrives late: what its recipients became is kept, the message is b's
+    assert await a.finish(result("m", 1031.0, RecipientUpdate(A, "accepted", "a" * 32),
+                                 retry_at=1040.0)) == "sending"
+    m = await a.get_message("m")
+    assert m.state == "sending" and m.pending_numbers == (B,)
+    assert await b.finish(result("m", 1032.0, RecipientUpdate(B, "accepted", "b" * 32))) == "sent"
+    assert {r.number: r.api_message_id for r in (await b.get_message("m")).recipients} == {
+        A: "a" * 32, B: "b" * 32}
+
+
+async def test_one_replica_decides_the_paging_policy_at_a_time(replicas, pg_server):
+    """While one replica reads the throttle history and writes its decision, the other waits
+    for the policy lock: both cannot clear a phone's last allowed send."""
+    a, b = replicas
+    entered = asyncio.Event()
+
+    async def second() -> dict[str, NumberHistory]:
+        async with b.deciding() as d:
+            entered.set()
+            return await d.history([A], 900.0)
+
+    async with a.deciding() as d:
+        assert (await d.history([A], 900.0))[A].sent_at == []
+        waiting = asyncio.create_task(second())
+
+        def blocked() -> bool:  # b's connection waits on the advisory lock
+            return pg_server.psql("SELECT count(*) FROM pg_locks WHERE locktype='advisory' "
+                                  "AND NOT granted") == "1"
+
+        await eventually_true(blocked)
+        assert not entered.is_set()
+        await d.apply(Changes(1000.0, sends=(("m", A),)))
+    assert (await waiting)[A].sent_at == [1000.0]  # it read what a wrote
+
+
+async def test_a_failed_decision_writes_nothing(replicas):
+    a, _ = replicas
+    with pytest.raises(RuntimeError):
+        async with a.deciding() as d:
+            await d.apply(Changes(1000.0, sends=(("m", A),)))
+            raise RuntimeError("the policy failed half-way")
+    assert (await a.history([A], 900.0))[A].sent_at == []
+
+
+async def test_replicas_starting_together_migrate_once_and_a_newer_schema_is_refused(pg_url, pg_server):
+    stores = [PostgresStore(Storage(pg_url)) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    await asyncio.gather(*(s.close() for s in stores))
+    db = pg_url.rsplit("/", 1)[1]
+    assert pg_server.psql("SELECT version FROM sms_receiver_schema", db) == str(len(PG_MIGRATIONS))
+    pg_server.psql(f"UPDATE sms_receiver_schema SET version={len(PG_MIGRATIONS) + 1}", db)
+    with pytest.raises(StoreError, match="newer than this release knows"):
+        await PostgresStore(Storage(pg_url)).open()
+
+
+async def test_an_unreachable_database_is_a_store_error_naming_it_without_its_password():
+    from tests.tools import free_port
+
+    url = f"postgresql://sms:hunter2@127.0.0.1:{free_port()}/sms"
+    with pytest.raises(StoreError) as info:
+        await PostgresStore(Storage(url)).open()
+    assert "127.0.0.1" in str(info.value) and "hunter2" not in str(info.value)
+
+
+async def eventually_true(check, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(check):
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import time as TimeOfDay
 from functools import cached_property
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -84,31 +85,79 @@ def _listen(value: Any) -> str:
     return str(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Storage:
-    """Where the outbox lives: ``url`` as written, and the SQLite file it names."""
+    """Where the outbox lives: ``url`` as written; for SQLite the file it names (``path``), for
+    PostgreSQL the password given beside the URL (``password``, from ``password_file``)."""
 
     url: str
-    path: str
+    path: str = ""  # sqlite only
+    password: str | None = field(default=None, repr=False)  # postgresql only, when not in the URL
+
+    @property
+    def kind(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.url.startswith("sqlite:") else "postgresql"
 
     def __str__(self) -> str:
-        return self.url
+        """The URL with any password masked: safe to log."""
+        return _PASSWORD_IN_URL.sub(r"\1***@", self.url)
+
+    def __repr__(self) -> str:
+        return f"Storage({str(self)!r})"
+
+
+_PASSWORD_IN_URL = re.compile(r"^(\w+://[^:/@?#]*:)[^@/?#]*@")
+# Query parameters of a postgresql:// URL asyncpg understands (anything else is a server setting,
+# which is allowed too, but these are checked).
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _postgresql(url: str, password: str | None) -> Storage:
+    """``postgresql://user[:password]@host[:port]/database[?sslmode=…&…]``; host, user,
+    password and database may also come from the ``PG*`` environment variables."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"{str(Storage(url))!r} is not a PostgreSQL URL: {exc}") from None
+    if parts.fragment:
+        raise ValueError(f"{str(Storage(url))!r}: a PostgreSQL URL has no #fragment")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{str(Storage(url))!r}: port {port} is out of range")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    for key, values in query.items():
+        if len(values) > 1:
+            raise ValueError(f"{str(Storage(url))!r}: {key} is given {len(values)} times")
+    mode = query.get("sslmode", ["prefer"])[0]
+    if mode not in _SSLMODES:
+        raise ValueError(f"{str(Storage(url))!r}: sslmode {mode!r} is not one of {', '.join(_SSLMODES)}")
+    if password and parts.password:
+        raise ValueError("give the PostgreSQL password in the URL or as storage.password(_file), not both")
+    return Storage(url, "", password or None)
 
 
 def _storage(value: Any) -> Storage:
-    """``sqlite:///absolute/path.db`` or ``sqlite://relative/path.db`` (relative to the working
-    directory). Exactly what ``run`` can open: no path, options or another scheme is an error."""
+    """``sqlite:///absolute/path.db``, ``sqlite://relative/path.db`` (relative to the working
+    directory), or ``postgresql://…`` (or a mapping ``{url, password | password_file}``).
+    Exactly what ``run`` can open: no path, sqlite options or another scheme is an error."""
     if isinstance(value, Storage):
         return value
+    password = None
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"url", "password"})
+        if unknown or "url" not in value:
+            raise ValueError(f"storage: unknown key {unknown[0]!r}" if unknown else
+                             "storage: a mapping needs url (and may have password or password_file)")
+        value, password = value["url"], value.get("password")
     url = str(value).strip()
     scheme, sep, rest = url.partition("://")
-    if scheme in ("postgresql", "postgres"):
-        raise ValueError(
-            f"{scheme}:// storage (several replicas) is not available in this release; "
-            "use sqlite:///path/to/outbox.db"
-        )
+    if scheme in ("postgresql", "postgres") and sep:
+        return _postgresql(url, password)
+    if password:
+        raise ValueError("storage: a password is for postgresql:// storage only")
     if scheme != "sqlite" or not sep:
-        raise ValueError(f"{url!r} is not a storage URL such as sqlite:///var/lib/sms-receiver/outbox.db")
+        raise ValueError(f"{str(Storage(url))!r} is not a storage URL such as "
+                         "sqlite:///var/lib/sms-receiver/outbox.db or postgresql://user@host/db")
     if "?" in rest or "#" in rest:
         raise ValueError(f"{url!r}: sqlite storage takes no options")
     if not rest or rest.endswith("/") or rest == ":memory:":

@@ -11,8 +11,10 @@ Contract of every implementation (the embedded one is :mod:`receiver.store.sqlit
   (its sending ended without a result, or its holder died) is due again. A crash between
   Clickatell's answer and :meth:`Store.finish` is the at-least-once window (README, Delivery
   guarantees).
-- :meth:`Store.apply` writes what the paging policy decided (throttle history, holds, summaries
-  that replace held messages) in one transaction. The policy itself lives in :mod:`receiver.holds`.
+- The paging policy (:mod:`receiver.holds`) reads and writes its state through
+  :meth:`Store.deciding`: inside it no other process decides for the same store, so what it
+  read (the throttle history, the holds) is still true when :meth:`Decisions.apply` writes what
+  it decided, in one transaction. Two replicas never both clear a phone's last allowed send.
 - A fault that may have lost data (an I/O error, corruption) sets :attr:`Store.broken` and calls
   the ``on_broken`` callback: the process must stop answering and exit so that it is restarted.
   A full disk is not such a fault: writes fail with :class:`StoreError` until there is room.
@@ -21,6 +23,7 @@ Contract of every implementation (the embedded one is :mod:`receiver.store.sqlit
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -194,7 +197,38 @@ class MessageQuery:
     limit: int = 100
 
 
-class Store(Protocol):
+@dataclass(frozen=True, slots=True)
+class StoreUsage:
+    """How the store's connections are used, for metrics (zeros where a backend has none)."""
+
+    backend: str  # "sqlite" or "postgresql"
+    connections_in_use: int = 0
+    connections_idle: int = 0
+    waiting: int = 0  # callers waiting for a connection
+    errors: int = 0  # operations that failed on the database's side or its connection, ever
+    claims_taken_over: int = 0  # claims of another (or a dead) process this one took, ever
+
+
+class Decisions(Protocol):
+    """The paging policy's state, read and written inside :meth:`Store.deciding`."""
+
+    async def history(self, numbers: Sequence[str], since: float) -> dict[str, NumberHistory]:
+        """Each number's sends after ``since`` and whether it has throttle-held recipients."""
+
+    async def held_messages(self, now: float) -> list[MessageRecord]:
+        """Messages held whole (digest, quiet hours) whose hold ended by ``now``."""
+
+    async def held_numbers(self, now: float) -> dict[str, list[MessageRecord]]:
+        """Numbers with a throttle hold due by ``now``: every message that number has held."""
+
+    async def apply(self, changes: Changes) -> None:
+        """Write what the policy decided, in one transaction."""
+
+
+class Store(Decisions, Protocol):
+    """The outbox. Its :class:`Decisions` methods used outside :meth:`deciding` are each a
+    transaction of their own (tests, tools); the dispatcher uses them inside."""
+
     broken: str | None  # set when a fault ended this store (see the module's docstring)
 
     async def open(self) -> None: ...
@@ -244,16 +278,12 @@ class Store(Protocol):
 
     # -- holds (the paging policy's storage) ------------------------------------------------------
 
-    async def history(self, numbers: Sequence[str], since: float) -> dict[str, NumberHistory]:
-        """Each number's sends after ``since`` and whether it has throttle-held recipients."""
+    def deciding(self) -> AbstractAsyncContextManager[Decisions]:
+        """Exclusive access to the policy's state: one decider at a time across every process
+        on this store. Raises :class:`StoreError` (on entry or exit) when the store cannot be
+        used; then nothing of what was applied inside is stored."""
 
-    async def held_messages(self, now: float) -> list[MessageRecord]:
-        """Messages held whole (digest, quiet hours) whose hold ended by ``now``."""
-
-    async def held_numbers(self, now: float) -> dict[str, list[MessageRecord]]:
-        """Numbers with a throttle hold due by ``now``: every message that number has held."""
-
-    async def apply(self, changes: Changes) -> None: ...
+    def usage(self) -> StoreUsage: ...
 
     # -- reporting and housekeeping --------------------------------------------------------------
 
@@ -281,6 +311,10 @@ class Store(Protocol):
 
 def open_store(storage: Storage, on_broken: Callable[[str], None] | None = None) -> Store:
     """The implementation for a ``storage`` setting (not yet opened)."""
+    if storage.kind == "postgresql":
+        from receiver.store.postgres import PostgresStore
+
+        return PostgresStore(storage)
     from receiver.store.sqlite import SQLiteStore
 
     return SQLiteStore(storage.path, on_broken=on_broken)

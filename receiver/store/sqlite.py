@@ -28,8 +28,9 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,6 +45,7 @@ from receiver.store import (
     Received,
     Result,
     StoreError,
+    StoreUsage,
     sql,
 )
 from receiver.store.schema import SchemaError, migrate
@@ -112,6 +114,8 @@ class SQLiteStore:
         self._checkpoint: asyncio.Future[int | None] | None = None  # running
         self._wal_frames = 0  # in the WAL after the last checkpoint
         self._next_checkpoint = 0.0  # monotonic
+        self._deciding = asyncio.Lock()
+        self._released = 0  # claims of a dead process released at open
 
     def _on_broken(self, reason: str) -> None:
         if self.broken is None:
@@ -156,6 +160,7 @@ class SQLiteStore:
         except BaseException:
             conn.close()
             raise
+        self._released = released
         if released:
             log.warning("%d message(s) were being sent when the receiver stopped: due again now "
                         "(Clickatell may have accepted some: see Delivery guarantees)", released)
@@ -294,6 +299,15 @@ class SQLiteStore:
 
     async def apply(self, changes: Changes) -> None:
         await self._write(lambda conn: sql.apply(conn, changes))
+
+    @asynccontextmanager
+    async def deciding(self) -> AsyncIterator[SQLiteStore]:
+        """One decider at a time in this process, the only one on the file (its lock)."""
+        async with self._deciding:
+            yield self
+
+    def usage(self) -> StoreUsage:
+        return StoreUsage("sqlite", claims_taken_over=self._released)
 
     async def delivery_report(self, api_message_id: str, status: str,
                               final_state: RecipientState | None, now: float,

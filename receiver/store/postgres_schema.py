@@ -1,0 +1,159 @@
+"""The PostgreSQL outbox's schema, as numbered migrations.
+
+``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1`` (the one row of
+``sms_receiver_schema``), each in one transaction, applied under an advisory lock so that
+replicas starting together do not race: the second waits, then finds the work done. A database
+newer than the last migration was written by a newer release: refused rather than misread. To
+change the schema, append a migration; never edit one that has been released.
+
+The tables are the SQLite outbox's (``schema.py``) in PostgreSQL's types: times are epoch
+seconds (``float8``) as the store protocol speaks them. Counts per message state are kept as
+rows added by statement triggers and summed on read: an insert never waits on another
+replica's row lock (a single counter row per state would serialise every transaction and
+deadlock two that move messages between the same states in opposite orders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# pg_advisory_lock keys: arbitrary, fixed, and the same in every release.
+MIGRATION_LOCK = 0x736D7372_00000001  # "smsr" 1
+POLICY_LOCK = 0x736D7372_00000002
+
+_V1 = """
+CREATE TABLE notifications (
+    id             text PRIMARY KEY,
+    received_at    float8 NOT NULL,
+    source         text NOT NULL,
+    body           bytea NOT NULL,
+    priority       integer NOT NULL,
+    error          text,
+    planning_until timestamptz,      -- a replica is planning it until then (its lease) …
+    planning_by    text              -- … that one
+);
+CREATE INDEX notifications_waiting ON notifications(priority, id) WHERE error IS NULL;
+
+CREATE TABLE dedup (
+    key     text PRIMARY KEY,
+    seen_at float8 NOT NULL
+);
+CREATE INDEX dedup_seen ON dedup(seen_at);
+
+CREATE TABLE messages (
+    id              text PRIMARY KEY,
+    created_at      float8 NOT NULL,
+    source          text NOT NULL,
+    group_id        text NOT NULL,
+    level           text NOT NULL,
+    priority        integer NOT NULL,
+    status          text NOT NULL,
+    text            text NOT NULL,
+    encoding        text NOT NULL,
+    parts           integer NOT NULL,
+    alert_count     integer NOT NULL,
+    template_error  text,
+    state           text NOT NULL,
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at float8 NOT NULL,
+    lease_until     float8,
+    last_error      text,
+    updated_at      float8 NOT NULL,
+    accepted_at     float8,
+    hold_reason     text,
+    bundle_id       text,
+    items           text
+);
+CREATE INDEX messages_due ON messages(priority, next_attempt_at) WHERE state = 'pending';
+CREATE INDEX messages_lease ON messages(lease_until) WHERE state = 'sending';
+CREATE INDEX messages_held ON messages(next_attempt_at) WHERE state = 'held';
+CREATE INDEX messages_created ON messages(created_at);
+CREATE INDEX messages_waiting ON messages(created_at) WHERE state IN ('pending', 'sending');
+
+CREATE TABLE recipients (
+    message_id      text NOT NULL,
+    number          text NOT NULL,
+    state           text NOT NULL,
+    api_message_id  text,
+    error_code      text,
+    error           text,
+    delivery_status text,
+    updated_at      float8 NOT NULL,
+    hold_until      float8,
+    bundle_id       text,
+    admitted_at     float8,
+    PRIMARY KEY (message_id, number)
+);
+CREATE INDEX recipients_held ON recipients(number, hold_until) WHERE state = 'held';
+
+CREATE TABLE sends (
+    id      bigserial PRIMARY KEY,
+    number  text NOT NULL,
+    sent_at float8 NOT NULL
+);
+CREATE INDEX sends_number ON sends(number, sent_at);
+CREATE INDEX sends_at ON sends(sent_at);
+
+CREATE TABLE message_counts (
+    id    bigserial PRIMARY KEY,
+    state text NOT NULL,
+    n     bigint NOT NULL
+);
+CREATE FUNCTION sms_receiver_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO message_counts(state, n) SELECT state, count(*) FROM new_rows GROUP BY state;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION sms_receiver_count_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO message_counts(state, n)
+    SELECT state, sum(n) FROM (SELECT state, -1 AS n FROM old_rows
+                               UNION ALL SELECT state, 1 FROM new_rows) AS moved
+    GROUP BY state HAVING sum(n) <> 0;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION sms_receiver_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO message_counts(state, n) SELECT state, -count(*) FROM old_rows GROUP BY state;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER messages_inserted AFTER INSERT ON messages REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_count_inserted();
+CREATE TRIGGER messages_updated AFTER UPDATE ON messages
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_count_updated();
+CREATE TRIGGER messages_deleted AFTER DELETE ON messages REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_count_deleted();
+
+-- Written by a readiness probe: the database takes writes.
+CREATE TABLE probe (id integer PRIMARY KEY CHECK (id = 1), at timestamptz NOT NULL);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1,)
+
+
+class SchemaError(Exception):
+    """The database's schema is one this release cannot use."""
+
+
+async def migrate(conn: Any, migrations: Sequence[str] = MIGRATIONS) -> int:
+    """Bring the database to the last version, one transaction per migration, under the
+    migration lock; returns the version it was at. ``conn`` is an asyncpg connection."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS sms_receiver_schema (version integer NOT NULL)")
+        found = await conn.fetchval("SELECT max(version) FROM sms_receiver_schema") or 0
+        if found > len(migrations):
+            raise SchemaError(
+                f"the database has outbox schema version {found}, newer than this release knows "
+                f"({len(migrations)}): it was written by a newer sms-receiver"
+            )
+        for version in range(found, len(migrations)):
+            async with conn.transaction():
+                await conn.execute(migrations[version])
+                await conn.execute("DELETE FROM sms_receiver_schema")
+                await conn.execute("INSERT INTO sms_receiver_schema(version) VALUES ($1)", version + 1)
+        return int(found)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
