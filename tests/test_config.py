@@ -160,6 +160,18 @@ def test_postgresql_storage_and_its_password(tmp_path: Path):
     assert "unknown key 'pasword'" in stray
 
 
+def test_with_replicas_a_lease_must_outlast_one_messages_sends():
+    """Another replica takes over a claim whose lease ran out: a lease no longer than a
+    message's requests could take would page twice from two live replicas."""
+    pg = "storage: postgresql://db/sms\n"
+    (err,) = errors_of(pg + "dispatch: {lease: 10s}\nclickatell: {timeout: 10s}\n")
+    assert err.startswith("dispatch.lease: 10s is not longer") and "more than 10s" in err
+    ok = "dispatch: {lease: 11s}\nclickatell: {timeout: 10s}\n"
+    assert parse_config(pg + ok, env={}, base_dir=ROOT).dispatch.lease == 11.0
+    # one process on SQLite never takes its own claims over while it sends them
+    assert parse_config("dispatch: {lease: 5s}\nclickatell: {timeout: 10s}\n", env={}, base_dir=ROOT)
+
+
 def test_storage_paths():
     assert make_config(storage="sqlite:///var/lib/x.db").storage.path == "/var/lib/x.db"
     assert make_config(storage="sqlite://data/x.db").storage.path == "data/x.db"

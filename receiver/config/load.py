@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from receiver.config.model import Config
+from receiver.config.model import Config, format_duration
 from receiver.render import template_error
 
 
@@ -145,6 +145,19 @@ def _cross_check(cfg: Config) -> list[str]:
         problem = template_error(source)
         if problem:
             errors.append(f"templates.{name}: {problem}")
+    if cfg.storage.kind == "postgresql":
+        # Another replica takes a claim over once its lease runs out: a lease shorter than the
+        # sends of one message would have a live replica's page sent twice.
+        most = max((len(g.members) for g in cfg.groups), default=1)
+        requests = -(-most // cfg.dispatch.batch_size)
+        needed = cfg.clickatell.timeout * requests
+        if cfg.dispatch.lease <= needed:
+            errors.append(
+                f"dispatch.lease: {format_duration(cfg.dispatch.lease)} is not longer than one message's "
+                f"sends can take ({requests} request(s) × clickatell.timeout "
+                f"{format_duration(cfg.clickatell.timeout)}); with postgresql storage another replica "
+                f"would send it again: make it more than {format_duration(needed)}"
+            )
     return errors
 
 
