@@ -34,6 +34,12 @@ def stat(pid, title, expr, x, y, unit="short", mappings=None, thresholds=None, w
     return p
 
 
+def row(pid, title, y, description=""):
+    """A (non-collapsed) row: the panels below it, down to the next row, belong to it."""
+    return {"id": pid, "type": "row", "title": title, "description": description, "datasource": DS,
+            "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "collapsed": False, "panels": [], "targets": []}
+
+
 RATE = "$__rate_interval"
 panels = [
     stat(1, "Pending pages", f"sum(sms_receiver_outbox_pending_messages{{{SEL}}})", 0, 0,
@@ -111,10 +117,39 @@ panels = [
           kind="table"),
 ]
 
+# Outbox storage: SQLite (one replica) or PostgreSQL (several replicas, one pool each).
+backend = stat(28, "Outbox backend", f"count by (backend) (sms_receiver_store_backend{{{SEL}}} == 1)", 0, 77,
+               description="The outbox's database and how many instances use it "
+                           "(SQLite: one; PostgreSQL: the replicas).")
+backend["gridPos"]["h"] = 8
+backend["targets"][0]["legendFormat"] = "{{backend}}"
+backend["fieldConfig"]["defaults"]["color"] = {"mode": "fixed", "fixedColor": "blue"}
+backend["options"] = {"colorMode": "background", "textMode": "value_and_name",
+                      "reduceOptions": {"calcs": ["lastNotNull"]}}
+panels += [
+    row(27, "Outbox storage", 76),
+    backend,
+    panel(29, "Database connections (PostgreSQL pool)",
+          [(f"sum by (instance, state) (sms_receiver_store_connections{{{SEL}}})", "{{instance}} {{state}}")],
+          4, 77, w=10, description="Pooled connections in use and idle, per replica (0 on SQLite)."),
+    panel(30, "Waiting for a database connection",
+          [(f"sum by (instance) (sms_receiver_store_waiting{{{SEL}}})", "{{instance}}")],
+          14, 77, w=10, description="Outbox operations waiting for a pooled connection: lasting waits mean "
+                                    "the pool is too small or queries are slow (alert SmsReceiverStorePoolSaturated)."),
+    panel(31, "Outbox database errors",
+          [(f"sum by (instance) (rate(sms_receiver_store_errors_total{{{SEL}}}[{RATE}]))", "{{instance}}")],
+          0, 85, unit="ops", description="Outbox operations that failed on the database or its connection "
+                                         "(PostgreSQL down, restarting, unreachable): webhooks get 503 meanwhile."),
+    panel(32, "Claims taken over (possible duplicate SMS)",
+          [(f"sum by (instance) (increase(sms_receiver_claims_taken_over_total{{{SEL}}}[{RATE}]))", "{{instance}}")],
+          12, 85, description="Messages claimed after another claim on them ran out (a replica died or lost the "
+                              "database mid-send; SQLite: released at start): each may have been sent twice."),
+]
+
 dashboard = {
     "uid": "sms-receiver",
     "title": "sms-receiver",
-    "description": "SMS paging receiver: webhooks, SMS per group, Clickatell, outbox, balance.",
+    "description": "SMS paging receiver: webhooks, SMS per group, Clickatell, outbox, balance, outbox storage.",
     "tags": ["sms-receiver", "alerting"],
     "timezone": "browser",
     "schemaVersion": 39,

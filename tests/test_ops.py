@@ -46,6 +46,9 @@ async def test_every_dashboard_metric_exists_in_live_metrics(start_receiver, fak
     assert len(queried) >= 20
     missing = sorted(m for m in queried if m not in exposed)
     assert missing == [], f"dashboard queries metrics the receiver does not expose: {missing}"
+    # the outbox's storage (SQLite or the PostgreSQL pool) has its own row
+    store = {m for m in exposed if m.startswith("sms_receiver_store_")} | {"sms_receiver_claims_taken_over_total"}
+    assert store <= queried, f"outbox storage metrics not on the dashboard: {sorted(store - queried)}"
     # the datasource is a variable, so the dashboard imports anywhere
     assert dashboard["templating"]["list"][0]["type"] == "datasource"
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
@@ -90,7 +93,8 @@ def test_promtool_rules_and_unit_tests():
     names = {r["alert"] for g in k8s["spec"]["groups"] for r in g["rules"]}
     assert {"SmsReceiverDown", "SmsReceiverWebhooksFailing", "SmsReceiverSmsFailing",
             "SmsReceiverOutboxBacklog", "SmsReceiverDeadLetters", "SmsReceiverBalanceLow",
-            "SmsReceiverConfigReloadFailed"} <= names
+            "SmsReceiverConfigReloadFailed", "SmsReceiverStoreErrors", "SmsReceiverStorePoolSaturated",
+            "SmsReceiverClaimsTakenOver"} <= names
 
 
 def test_amtool_checks_the_alertmanager_example():
