@@ -307,3 +307,20 @@ async def test_a_storm_through_two_replicas_keeps_each_phones_limit(tmp_path: Pa
     finally:
         for x in r.rx:
             x.stop()
+
+
+async def test_run_names_its_backend_and_never_the_password(tmp_path: Path, fake: Fake, pg_server: Server, http):
+    """The start-up line says where the outbox is; the password (accepted by the test cluster's
+    trust authentication) is masked there, in /metrics and in /api/v1/status."""
+    url = pg_server.database().replace("postgresql://sms@", "postgresql://sms:hunter2-secret@")
+    (rx,) = start_replicas(tmp_path, fake, pg_server, url, n=1).rx
+    try:
+        await rx.start(http)
+        for path in ("/metrics", "/api/v1/status"):
+            async with http.get(f"{rx.url}{path}") as r:
+                assert r.status == 200 and "hunter2" not in await r.text()
+        assert 'sms_receiver_store_backend{backend="postgresql"} 1.0' in await (await http.get(f"{rx.url}/metrics")).text()
+    finally:
+        rx.stop()
+    log = rx.log_text()
+    assert "(storage postgresql://sms:***@127.0.0.1:" in log and "hunter2" not in log, log[-2000:]
