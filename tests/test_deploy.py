@@ -19,11 +19,17 @@ The receiver's config is the ConfigMap's, with ``${VAR}``s from the example Secr
 Deployment's ``envFrom``); only the listen address, Clickatell's URL (the fake) and the
 groups/routes of the other tests are replaced.
 
+The replicated overlay (deploy/kubernetes-replicated/) is rendered as kustomize does (checked
+against ``kubectl kustomize`` where kubectl is installed), and two of its pods run the same way,
+with nothing writable at all, on the test's PostgreSQL. The replicated compose file's receivers
+are checked through the receiver's own config loader.
+
 Needs root, ``unshare`` and ``setpriv`` (util-linux): skipped without them, except in CI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -37,11 +43,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 import yaml
 
+from receiver.config import Config, parse_config
+from receiver.config.model import split_listen
 from receiver.models import AlertStatus, NewMessage, SmsText
 from receiver.store.sqlite import SQLiteStore
 from tests.conftest import Fake, eventually
@@ -79,14 +88,15 @@ class Manifest:
     secret: dict[str, str]  # the example Secret's stringData
 
     @classmethod
-    def read(cls) -> Manifest:
-        deployment = load("deployment.yaml")
+    def read(cls, rendered: dict[str, dict[str, Any]] | None = None) -> Manifest:
+        """From deploy/kubernetes/'s files, or from a rendered kustomization (by kind)."""
+        deployment = rendered["Deployment"] if rendered else load("deployment.yaml")
         pod = deployment["spec"]["template"]["spec"]
         (container,) = [c for c in pod["containers"] if c["name"] == CONTAINER]
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         config_volume = volumes[cls._config_volume(mounts, volumes)]["configMap"]
-        configmap = load("configmap.yaml")
+        configmap = rendered["ConfigMap"] if rendered else load("configmap.yaml")
         assert configmap["metadata"]["name"] == config_volume["name"]
         key = PurePosixPath(cls._arg(container, "--config")).name
         config = yaml.safe_load(configmap["data"][key])
@@ -186,11 +196,12 @@ def test_the_manifest_runs_the_receiver_locked_down():
 # The container, simulated
 
 # Runs as root in the new mount namespace, then execs setpriv (its arguments follow the data
-# directory): the volume becomes a mount of its own, which stays writable when / turns read-only.
+# directory, "" for a pod without one): the volume becomes a mount of its own, which stays
+# writable when / turns read-only.
 NAMESPACE = r"""
 set -eu
 data=$1; shift
-mount --bind "$data" "$data"
+[ -z "$data" ] || mount --bind "$data" "$data"
 mount -o remount,bind,ro /
 mount -t tmpfs -o nosuid,nodev,mode=1777,size=64m shm /dev/shm
 cd /
@@ -223,7 +234,7 @@ class Pod:
     def __init__(self, m: Manifest, scratch: Path, unshare: str, setpriv: str) -> None:
         self.m, self.scratch = m, scratch
         self.unshare, self.setpriv = unshare, setpriv
-        self.data = self.host(m.data_mount)
+        self.data = self.host(m.data_mount) if m.writable_mounts else None  # None: nothing writable
         self.config = self.host(m.config_path)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -236,18 +247,22 @@ class Pod:
         mounts = [mount["mountPath"] for mount in self.m.mounts.values()]
         return str(self.host(value)) if any(under(value, p) for p in mounts) else value
 
-    def prepare(self, config: dict[str, Any]) -> None:
-        """The volumes as the kubelet hands them over: the ConfigMap's file read-only for all,
-        the outbox volume root's with the group ``fsGroup`` (mode 2775)."""
-        for d in (self.scratch, self.config.parent):
-            d.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(yaml.safe_dump(config))
-        self.data.mkdir(parents=True)
-        self.fs_group()
-        for d in [self.config.parent, *self.config.parents, *self.data.parents]:
+    def prepare(self, config: dict[str, Any], secrets: dict[str, str] | None = None) -> None:
+        """The volumes as the kubelet hands them over: the ConfigMap's file and the Secrets'
+        (``secrets``: content by container path) read-only for all, the outbox volume, if any,
+        root's with the group ``fsGroup`` (mode 2775)."""
+        files = {self.config: yaml.safe_dump(config),
+                 **{self.host(path): content for path, content in (secrets or {}).items()}}
+        for file, content in files.items():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(content)
+            file.chmod(0o644)
+        if self.data is not None:
+            self.data.mkdir(parents=True)
+            self.fs_group()
+        for d in {d for f in [*files, *filter(None, [self.data])] for d in f.parents}:
             if d.is_relative_to(self.scratch):
                 d.chmod(0o755)
-        self.config.chmod(0o644)
 
     def fs_group(self) -> None:
         """What the kubelet does to a volume for ``fsGroup``: group-owned, group-writable,
@@ -265,7 +280,7 @@ class Pod:
     def command(self, argv: list[str]) -> list[str]:
         groups = ",".join(map(str, self.m.groups))
         return [self.unshare, "--mount", "--propagation", "private", "--",
-                "sh", "-c", NAMESPACE, "pod", str(self.data),
+                "sh", "-c", NAMESPACE, "pod", str(self.data or ""),
                 self.setpriv, f"--reuid={self.m.uid}", f"--regid={self.m.gid}",
                 f"--groups={groups}" if groups else "--clear-groups",
                 "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--", *argv]
@@ -301,8 +316,8 @@ class Pod:
         return self.proc.returncode
 
 
-@pytest.fixture
-def pod() -> Iterator[Pod]:
+@contextlib.contextmanager
+def simulated(m: Manifest) -> Iterator[Pod]:
     unshare, setpriv = need("unshare"), need("setpriv")
     tried = subprocess.run([unshare, "--mount", "--propagation", "private", "true"],
                            capture_output=True, text=True, timeout=30, check=False)
@@ -312,7 +327,7 @@ def pod() -> Iterator[Pod]:
             pytest.fail(f"tests/test_deploy.py {why}; CI runs as root")
         pytest.skip(why)
     scratch = Path(tempfile.mkdtemp(prefix="sms-receiver-pod-", dir="/var/tmp"))
-    p = Pod(MANIFEST, scratch, unshare, setpriv)
+    p = Pod(m, scratch, unshare, setpriv)
     try:
         yield p
     finally:
@@ -320,11 +335,18 @@ def pod() -> Iterator[Pod]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@pytest.fixture
+def pod() -> Iterator[Pod]:
+    with simulated(MANIFEST) as p:
+        yield p
+
+
 def pod_config(pod: Pod, fake: Fake, port: int) -> dict[str, Any]:
     """The ConfigMap's config, sending to the fake and paging the groups of the other tests."""
     cfg = dict(pod.m.config)
     cfg["listen"] = f"127.0.0.1:{port}"
-    cfg["storage"] = f"sqlite://{pod.host(pod.m.storage_path)}"
+    if isinstance(cfg["storage"], str):  # SQLite, on the volume; a database is the test's to give
+        cfg["storage"] = f"sqlite://{pod.host(pod.m.storage_path)}"
     cfg["clickatell"] = {**cfg["clickatell"], "base_url": fake.url, "timeout": "2s"}
     cfg.update({k: BASE[k] for k in ("groups", "routes", "default_groups", "paging")})
     return cfg
@@ -432,3 +454,304 @@ async def test_the_receiver_prunes_past_retention_with_only_its_volume_writable(
         assert r.status == 200
     assert {p.name for p in pod.data.iterdir()} <= OUTBOX_FILES
     assert pod.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Several replicas on PostgreSQL: deploy/kubernetes-replicated/ (a kustomize overlay of
+# deploy/kubernetes/; kustomize refuses an overlay inside its base's directory) and
+# deploy/compose/docker-compose.replicated.yml. Nothing here runs a container: the manifests are
+# rendered as kustomize does and the receivers' configs are read by the receiver's own loader.
+
+REPLICATED = ROOT / "deploy" / "kubernetes-replicated"
+COMPOSE = ROOT / "deploy" / "compose"
+# The pod's lists that merge item by item (Kubernetes' patchMergeKey; a Service's ports, say,
+# merge by another key: add it here if an overlay ever patches them); any other list is
+# replaced whole by a patch.
+MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name",
+              "volumeMounts": "mountPath", "env": "name", "topologySpreadConstraints": "topologyKey"}
+
+
+def merge(base: Any, patch: Any, key: str = "") -> Any:
+    """A strategic merge patch, as much of one as these manifests use: maps merge, ``null``
+    deletes a key, lists in MERGE_KEYS merge by their key (``$patch: delete`` removes an item,
+    which must be there: a patch that no longer matches the base fails here, where kustomize
+    would let it pass), other lists and scalars are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = merge(base[k], v, k) if k in base else v
+        return out
+    merge_key = MERGE_KEYS.get(key)
+    if isinstance(base, list) and isinstance(patch, list) and merge_key:
+        out, added = list(base), []
+        for item in patch:
+            found = [i for i, b in enumerate(out) if b.get(merge_key) == item[merge_key]]
+            if item.get("$patch") == "delete":
+                assert found, f"{key}: the patch deletes {merge_key}={item[merge_key]!r}, which the base lacks"
+                del out[found[0]]
+            elif found:
+                out[found[0]] = merge(out[found[0]], item, key)
+            else:
+                added.append(item)
+        return added + out  # kustomize's order: what a patch adds comes first
+    return patch
+
+
+def kustomize(directory: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """What ``kubectl kustomize DIRECTORY`` renders, by (kind, name), for the part of kustomize
+    these kustomizations use: resources (files, or directories with a kustomization) and patch
+    files (strategic merge; ``$patch: delete`` at the top removes the resource)."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(spec) <= {"resources", "patches"}, f"{directory}: the simulation knows only resources and patches"
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in spec.get("resources", []):
+        path = directory / entry
+        docs = (list(kustomize(path).values()) if path.is_dir()
+                else [d for d in yaml.safe_load_all(path.read_text()) if d])
+        for doc in docs:
+            ident = (doc["kind"], doc["metadata"]["name"])
+            assert ident not in out, f"{ident} twice"
+            out[ident] = doc
+    for entry in spec.get("patches", []):
+        assert set(entry) == {"path"}, f"{entry}: the simulation knows only patch files, without target"
+        (patch,) = [d for d in yaml.safe_load_all((directory / entry["path"]).read_text()) if d]
+        ident = (patch["kind"], patch["metadata"]["name"])
+        assert ident in out, f"{entry['path']} patches {ident}, which the resources lack"
+        if patch.get("$patch") == "delete":
+            del out[ident]
+        else:
+            out[ident] = merge(out[ident], patch)
+    return out
+
+
+def by_kind(rendered: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    kinds = [kind for kind, _ in rendered]
+    assert len(kinds) == len(set(kinds)), f"one resource of each kind expected: {sorted(rendered)}"
+    return {kind: doc for (kind, _), doc in rendered.items()}
+
+
+def canonical(node: Any, key: str = "") -> Any:
+    """``node`` with merge-keyed lists in a fixed order: their order means nothing."""
+    if isinstance(node, dict):
+        return {k: canonical(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        items = [canonical(v, key) for v in node]
+        merge_key = MERGE_KEYS.get(key)
+        return sorted(items, key=lambda i: str(i[merge_key])) if merge_key else items
+    return node
+
+
+RENDERED = kustomize(REPLICATED)
+REPLICA = Manifest.read(by_kind(RENDERED))
+POSTGRES_SECRET = yaml.safe_load((REPLICATED / "secret-postgres.example.yaml").read_text())
+
+
+def test_kubectl_kustomize_renders_the_base_and_the_replicated_overlay_as_simulated():
+    """The simulation above, checked against the real kustomize where kubectl is installed (it
+    is not in CI; the simulation's own checks still run there)."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not installed")
+    for directory in (K8S, REPLICATED):
+        r = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        real = {(d["kind"], d["metadata"]["name"]): canonical(d) for d in yaml.safe_load_all(r.stdout) if d}
+        assert real == {k: canonical(v) for k, v in kustomize(directory).items()}, directory
+
+
+def test_the_replicated_overlay_runs_several_replicas_with_nothing_of_their_own():
+    m = REPLICA
+    assert RENDERED[("Deployment", "sms-receiver")]["spec"]["replicas"] >= 2
+    # Recreate would stop every replica at once on each rollout
+    assert RENDERED[("Deployment", "sms-receiver")]["spec"]["strategy"]["type"] == "RollingUpdate"
+    # no outbox on a volume: no claim, no writable volume, nothing mounted at the image's home
+    assert "PersistentVolumeClaim" not in {kind for kind, _ in RENDERED}
+    assert not [v for v in m.volumes.values()
+                if {"persistentVolumeClaim", "emptyDir", "hostPath"} & set(v)]
+    assert m.writable_mounts == []
+    assert not [mount for mount in m.mounts.values() if under(IMAGE_HOME, mount["mountPath"])]
+    # as locked down as the base
+    assert m.security("readOnlyRootFilesystem") is True
+    assert m.security("allowPrivilegeEscalation") is False
+    assert m.pod["securityContext"]["runAsNonRoot"] is True
+    assert m.container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # a drain takes one replica at a time, never the last
+    pdb = RENDERED[("PodDisruptionBudget", "sms-receiver")]["spec"]
+    assert pdb["minAvailable"] == 1 and "maxUnavailable" not in pdb
+    # everything else of the base is there, unchanged
+    base = kustomize(K8S)
+    assert set(RENDERED) == set(base) - {("PersistentVolumeClaim", "sms-receiver-outbox")}
+    for ident in set(RENDERED) - {("Deployment", "sms-receiver"), ("ConfigMap", "sms-receiver"),
+                                  ("PodDisruptionBudget", "sms-receiver")}:
+        assert RENDERED[ident] == base[ident], ident
+
+
+def test_the_replicated_config_is_postgresql_with_the_password_from_a_secret(tmp_path: Path):
+    raw = REPLICA.config
+    storage = raw["storage"]
+    # the password is in no ConfigMap: not in the URL, not beside it
+    assert set(storage) == {"url", "password_file"}, storage
+    url = urlsplit(storage["url"])
+    assert url.scheme == "postgresql" and url.password is None, storage["url"]
+    assert "PGPASSWORD" not in RENDERED[("ConfigMap", "sms-receiver")]["data"][PurePosixPath(REPLICA.config_path).name]
+    # password_file is the key of the example Secret, mounted whole (no items) read-only
+    file = PurePosixPath(storage["password_file"])
+    (mount,) = [mt for mt in REPLICA.mounts.values() if mt["mountPath"] == str(file.parent)]
+    assert mount.get("readOnly") is True
+    secret = REPLICA.volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == POSTGRES_SECRET["metadata"]["name"] and "items" not in secret
+    assert file.name in POSTGRES_SECRET["stringData"]
+    # the rest is the base's config: one ConfigMap's worth of settings, kept apart only by storage
+    assert {k: v for k, v in raw.items() if k not in ("storage", "dispatch")} == \
+        {k: v for k, v in MANIFEST.config.items() if k not in ("storage", "dispatch")}
+
+    # and the receiver's own loader takes it, with the Secrets' values where the pod has them
+    password = tmp_path / file.name
+    password.write_text(POSTGRES_SECRET["stringData"][file.name] + "\n")
+    cfg = parse_config(yaml.safe_dump({**raw, "storage": {**storage, "password_file": str(password)}}),
+                       env=REPLICA.env, base_dir=tmp_path)
+    assert cfg.storage.kind == "postgresql"
+    assert cfg.storage.password == POSTGRES_SECRET["stringData"][file.name]
+    # a claim whose sends are still going is never taken over by the other replica
+    assert cfg.dispatch.lease > cfg.clickatell.timeout
+
+
+def compose(name: str) -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE / name).read_text())
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """A compose service's bind mounts, container path → the file on this machine."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("."):  # a named volume otherwise
+            out[target] = COMPOSE / source
+    return out
+
+
+def image_cmd() -> list[str]:
+    (line,) = [x for x in (ROOT / "deploy" / "Dockerfile").read_text().splitlines() if x.startswith("CMD ")]
+    return json.loads(line.removeprefix("CMD "))
+
+
+def compose_receiver_config(service: dict[str, Any]) -> Config:
+    """The receiver's config as the service's container reads it: the file mounted where the
+    image's CMD looks, its password_file the one mounted there, its environment the service's."""
+    mounts = bind_mounts(service)
+    args = service.get("command") or image_cmd()
+    config = mounts[args[args.index("--config") + 1]]
+    raw = yaml.safe_load(config.read_text())
+    in_container = raw["storage"]["password_file"]
+    assert in_container in mounts, f"{in_container} is not mounted"
+    raw["storage"]["password_file"] = str(mounts[in_container])
+    return parse_config(yaml.safe_dump(raw), env=service.get("environment", {}), base_dir=config.parent)
+
+
+def test_the_replicated_compose_file_runs_two_receivers_on_postgres():
+    services = compose("docker-compose.replicated.yml")["services"]
+    single = compose("docker-compose.yml")["services"]
+    receivers = {n: s for n, s in services.items() if s.get("build") == single["sms-receiver"]["build"]
+                 and "command" not in s}  # the fake Clickatell is the same image with a command
+    assert len(receivers) >= 2, sorted(services)
+
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    env = postgres["environment"]
+    server_password = bind_mounts(postgres)[env["POSTGRES_PASSWORD_FILE"]].read_text().strip()
+
+    for name, service in receivers.items():
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert not [t for t in bind_mounts(service) if under(t, IMAGE_HOME)], name
+        assert not [v for v in service.get("volumes", []) if v.split(":")[1] == IMAGE_HOME], name
+        cfg = compose_receiver_config(service)
+        assert cfg.storage.kind == "postgresql", name
+        url = urlsplit(cfg.storage.url)
+        assert url.password is None, name  # it comes from the file
+        assert (url.hostname, url.username, url.path) == ("postgres", env["POSTGRES_USER"], f"/{env['POSTGRES_DB']}")
+        assert cfg.storage.password == server_password, name
+
+    # Alertmanager sends each notification to every receiver, with a token they accept
+    alertmanager = services["alertmanager"]
+    am_mounts = bind_mounts(alertmanager)
+    (flag,) = [a for a in alertmanager["command"] if a.startswith("--config.file=")]
+    am = yaml.safe_load(am_mounts[flag.partition("=")[2]].read_text())
+    (sms,) = [r for r in am["receivers"] if r.get("webhook_configs")]
+    hooks = sms["webhook_configs"]
+    ports = {n: split_listen(compose_receiver_config(s).listen)[1] for n, s in receivers.items()}
+    assert sorted(h["url"] for h in hooks) == sorted(
+        f"http://{n}:{port}/webhook/alertmanager" for n, port in ports.items())
+    for hook in hooks:
+        token = am_mounts[hook["http_config"]["authorization"]["credentials_file"]].read_text().strip()
+        for name, service in receivers.items():
+            tokens = compose_receiver_config(service).webhook_auth.bearer_tokens
+            assert token in [getattr(t, "get_secret_value", lambda t=t: t)() for t in tokens], name
+    # the fake's delivery reports reach a receiver (any one: the outbox is shared)
+    callback = services["fake-clickatell"]["command"]
+    assert urlsplit(callback[callback.index("--status-callback") + 1]).hostname in receivers
+
+
+def test_amtool_checks_the_replicated_alertmanager_config():
+    amtool = need("amtool")
+    r = subprocess.run([amtool, "check-config", str(COMPOSE / "alertmanager.replicated.yml")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture
+def replica_pods() -> Iterator[list[Pod]]:
+    with simulated(REPLICA) as a, simulated(REPLICA) as b:
+        yield [a, b]
+
+
+async def test_two_replicated_pods_page_once_with_nothing_writable(
+        replica_pods: list[Pod], fake: Fake, http: aiohttp.ClientSession, tmp_path: Path, pg_url: str):
+    """The overlay's pods as the kubelet would run them (no volume but the ConfigMap's and the
+    Secret's, the root read-only: nothing writable at all) on one database, the test's: an
+    Alertmanager HA pair's notification, sent to both, pages once."""
+    storage = REPLICA.config["storage"]
+    password = POSTGRES_SECRET["stringData"][PurePosixPath(storage["password_file"]).name]
+    urls, logs = [], []
+    for i, p in enumerate(replica_pods):
+        port = free_port()
+        cfg = {**pod_config(p, fake, port),
+               "storage": {**storage, "url": pg_url, "password_file": str(p.host(storage["password_file"]))}}
+        p.prepare(cfg, {storage["password_file"]: password})
+        urls.append(f"http://127.0.0.1:{port}")
+        logs.append(tmp_path / f"receiver-{i}.log")
+    for p, url, log in zip(replica_pods, urls, logs):
+        await started(p, http, url, log)
+
+    token = REPLICA.secret["WEBHOOK_TOKEN"]
+    body = fixture("alertmanager-0.25-firing.json")
+
+    async def post(url: str) -> str:
+        async with http.post(f"{url}/webhook/alertmanager", data=body,
+                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["status"]
+
+    assert sorted(await asyncio.gather(*map(post, urls))) == ["accepted", "duplicate"]
+
+    admin = {"Authorization": f"Bearer {REPLICA.secret['ADMIN_TOKEN']}"}
+
+    async def sent() -> bool:  # either replica sees the shared outbox
+        async with http.get(f"{urls[1]}/api/v1/messages", headers=admin) as r:
+            return [m["state"] for m in (await r.json())["messages"]] == ["sent"]
+
+    await eventually(sent, timeout=15)
+    (sms,) = await fake.messages(http)
+    assert sms["to"] == "14155550123"
+
+    for p, log in zip(replica_pods, logs):
+        # nothing written but what the kubelet put there
+        assert {f.relative_to(p.scratch) for f in p.scratch.rglob("*") if f.is_file()} == {
+            p.config.relative_to(p.scratch), p.host(storage["password_file"]).relative_to(p.scratch)}
+        assert p.proc is not None and os.listdir(f"/proc/{p.proc.pid}/root/dev/shm") == []
+        assert not [r for r in records(log) if r["level"] in ("error", "critical")], log.read_text()
+        assert p.stop() == 0
