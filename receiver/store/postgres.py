@@ -69,7 +69,8 @@ PLANNING_LEASE = 60  # seconds a replica has to plan the notifications it took
 _FINISHED = list(FINISHED_STATES)
 _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)  # what a bug's data meets
 # Connection-level failures: the database is down, restarting or unreachable.
-_DOWN = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+_DOWN = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+         asyncpg.PostgresConnectionError,
          asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError)
 
 
@@ -292,7 +293,10 @@ class PostgresStore:
             try:
                 yield conn
             finally:
-                await pool.release(conn)
+                try:
+                    await pool.release(conn)
+                except Exception:  # noqa: BLE001 - what ran on it is done (or raised already);
+                    pass  # a connection that cannot be reset is closed by the pool, not reused
         except (asyncpg.PostgresError, *_DOWN) as exc:
             self._errors += 1
             raise StoreError(f"PostgreSQL: {_describe(exc)}") from None
