@@ -444,21 +444,29 @@ class PostgresStore:
 
     async def _finish_batch(self, results: list[Result]) -> list[MessageState]:
         async def run(conn: Any) -> list[MessageState]:
-            ids = sorted({r.message_id for r in results})
+            ids = sorted({r.message_id for r in results})  # locked in one order: no deadlock
             current = {row[0]: (row[1], row[2]) for row in await conn.fetch(
                 "SELECT id, attempts, state FROM messages WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
                 ids)}
-            states: list[MessageState] = []
-            for r in results:
+            states: dict[int, MessageState] = {}
+            owned: list[tuple[int, Result]] = []
+            for i, r in enumerate(results):
                 attempts, state = current.get(r.message_id, (None, None))
                 if state is None:
-                    states.append("pending")  # pruned or never there: nothing to record
-                    continue
-                if attempts != self._claims.get(r.message_id, attempts):  # claimed again since
-                    states.append(await self._fenced(conn, r, state))
+                    states[i] = "pending"  # pruned or never there: nothing to record
+                elif attempts != self._claims.get(r.message_id, attempts):  # claimed again since
+                    states[i] = await self._fenced(conn, r, state)
                 else:
-                    states.append(await self._record(conn, r))
-            return states
+                    owned.append((i, r))
+            rounds: list[list[tuple[int, Result]]] = []  # a message at most once per round, in order
+            for i, r in owned:
+                n = sum(any(x.message_id == r.message_id for _, x in rd) for rd in rounds)
+                if n == len(rounds):
+                    rounds.append([])
+                rounds[n].append((i, r))
+            for rd in rounds:
+                states.update(zip([i for i, _ in rd], await self._record(conn, [r for _, r in rd]), strict=True))
+            return [states[i] for i in range(len(results))]
 
         states = await self._run(run)
         for r in results:
@@ -478,36 +486,50 @@ class PostgresStore:
         return state
 
     @staticmethod
-    async def _record(conn: Any, r: Result) -> MessageState:
-        if r.updates:
+    async def _record(conn: Any, results: Sequence[Result]) -> list[MessageState]:
+        """Results of distinct messages, a few statements for all of them (as sql.finish)."""
+        ups = [(r.message_id, u, r.at) for r in results for u in r.updates]
+        if ups:
             await conn.execute(
                 "UPDATE recipients AS t SET state=v.state, api_message_id=COALESCE(v.api, t.api_message_id), "
-                "error_code=v.code, error=v.error, updated_at=$1 FROM unnest($2::text[], $3::text[], "
-                "$4::text[], $5::text[], $6::text[]) AS v(number, state, api, code, error) "
-                "WHERE t.message_id=$7 AND t.number=v.number", r.at,
-                [u.number for u in r.updates], [u.state for u in r.updates],
-                [u.api_message_id for u in r.updates], [u.error_code for u in r.updates],
-                [u.error for u in r.updates], r.message_id)
-        if r.dead:
-            await conn.execute("UPDATE recipients SET state='failed', error=$1, updated_at=$2 "
-                               "WHERE message_id=$3 AND state='pending'", r.last_error, r.at, r.message_id)
-        if r.retry_at is not None:  # what did not go out gives its place in the throttle's history back
-            cleared = await conn.fetch("SELECT number, admitted_at FROM recipients WHERE message_id=$1 "
-                                       "AND state='pending' AND admitted_at IS NOT NULL", r.message_id)
-            for number, at in cleared:
+                "error_code=v.code, error=v.error, updated_at=v.at FROM unnest($1::text[], $2::text[], "
+                "$3::text[], $4::text[], $5::text[], $6::text[], $7::float8[]) "
+                "AS v(mid, number, state, api, code, error, at) WHERE t.message_id=v.mid AND t.number=v.number",
+                [m for m, _, _ in ups], [u.number for _, u, _ in ups], [u.state for _, u, _ in ups],
+                [u.api_message_id for _, u, _ in ups], [u.error_code for _, u, _ in ups],
+                [u.error for _, u, _ in ups], [at for _, _, at in ups])
+        dead = [r for r in results if r.dead]
+        if dead:
+            await conn.execute(
+                "UPDATE recipients AS t SET state='failed', error=v.error, updated_at=v.at FROM "
+                "unnest($1::text[], $2::text[], $3::float8[]) AS v(mid, error, at) "
+                "WHERE t.message_id=v.mid AND t.state='pending'",
+                [r.message_id for r in dead], [r.last_error for r in dead], [r.at for r in dead])
+        retried = [r.message_id for r in results if r.retry_at is not None]
+        if retried:  # what did not go out gives its place in the throttle's history back
+            for number, at in await conn.fetch(
+                    "UPDATE recipients AS t SET admitted_at=NULL FROM recipients AS o WHERE "
+                    "t.message_id = ANY($1::text[]) AND t.state='pending' AND t.admitted_at IS NOT NULL "
+                    "AND o.message_id=t.message_id AND o.number=t.number RETURNING t.number, o.admitted_at",
+                    retried):
                 await conn.execute("DELETE FROM sends WHERE id=(SELECT id FROM sends WHERE number=$1 "
                                    "AND sent_at=$2 LIMIT 1)", number, at)
-            await conn.execute("UPDATE recipients SET admitted_at=NULL WHERE message_id=$1 "
-                               "AND state='pending'", r.message_id)
-        counts = {row[0]: row[1] for row in await conn.fetch(
-            "SELECT state, count(*) FROM recipients WHERE message_id=$1 GROUP BY state", r.message_id)}
-        state = message_state(counts, r.dead)
+        counts: dict[str, dict[str, int]] = {r.message_id: {} for r in results}
+        for mid, state, n in await conn.fetch(
+                "SELECT message_id, state, count(*) FROM recipients WHERE message_id = ANY($1::text[]) "
+                "GROUP BY message_id, state", list(counts)):
+            counts[mid][state] = n
+        states = [message_state(counts[r.message_id], r.dead) for r in results]
         await conn.execute(
-            "UPDATE messages SET state=$1, next_attempt_at=$2, lease_until=NULL, last_error=$3, updated_at=$4, "
-            "accepted_at=COALESCE(accepted_at, $5) WHERE id=$6", state,
-            r.retry_at if state == "pending" and r.retry_at is not None else r.at, r.last_error, r.at,
-            r.at if any(u.state == "accepted" for u in r.updates) else None, r.message_id)
-        return state
+            "UPDATE messages AS m SET state=v.state, next_attempt_at=v.next, lease_until=NULL, last_error=v.error, "
+            "updated_at=v.at, accepted_at=COALESCE(m.accepted_at, v.accepted) FROM unnest($1::text[], "
+            "$2::text[], $3::float8[], $4::text[], $5::float8[], $6::float8[]) "
+            "AS v(id, state, next, error, at, accepted) WHERE m.id=v.id",
+            [r.message_id for r in results], states,
+            [r.retry_at if st == "pending" and r.retry_at is not None else r.at for r, st in zip(results, states)],
+            [r.last_error for r in results], [r.at for r in results],
+            [r.at if any(u.state == "accepted" for u in r.updates) else None for r in results])
+        return states
 
     async def retry_now(self, now: float) -> int:
         status = await self._run(lambda conn: conn.execute(
