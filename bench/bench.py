@@ -1,10 +1,14 @@
 """The receiver's benchmark: accept throughput and latency, end-to-end latency, drain rate, memory,
 and latency against a large outbox. What each row measures and why: docs/PERFORMANCE.md.
 
-    python bench/bench.py [--smoke] [--out FILE] [--no-wrk] [--keep]   (or: bench/run …)
+    python bench/bench.py [--smoke] [--out FILE] [--no-wrk] [--keep] [--backend sqlite|postgresql]
+    (or: bench/run …)
 
 Everything runs as subprocesses on free 127.0.0.1 ports: the fake Clickatell, the receiver (fresh
-outbox per phase), bench/bare.py (the ceiling), wrk or bench/loadgen.py (the load).
+outbox per phase), bench/bare.py (the ceiling), wrk or bench/loadgen.py (the load). With
+``--backend postgresql`` the outbox is a fresh database per phase on a PostgreSQL cluster the
+benchmark starts for itself (tests/pg.py: its own directory, a free port, fsync on) and stops at
+the end; the accept phase also runs two replicas side by side on one database.
 
 Exit status: 0 all good; 1 a target was missed (never with --smoke); 2 something is broken (a
 process did not start, a request failed, an SMS went missing).
@@ -30,9 +34,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -68,13 +72,19 @@ class Plan:
     rows_rate: int
     rows_s: float
     warmup_s: float  # open loop: sent at the rate first, not measured
+    backend: str = "sqlite"  # the outbox: sqlite, or postgresql (its own rates and targets)
+    e2e_p99_ms: float = 100.0  # target of the end-to-end row
 
     @classmethod
-    def make(cls, smoke: bool) -> Plan:
+    def make(cls, smoke: bool, backend: str = "sqlite") -> Plan:
         if smoke:
-            return cls(True, 0.5, (128, 32), 0.5, (100, 1000), 200, 0.5, 100, 1_000, (1_000, 10_000), 200, 0.5, 0.2)
-        return cls(False, 5.0, (256, 128, 64, 32), 5.0, (100, 1000), 200, 5.0, 2_000, 100_000,
-                   (10_000, 1_000_000), 200, 3.0, 1.0)
+            plan = cls(True, 0.5, (128, 32), 0.5, (100, 1000), 200, 0.5, 100, 1_000, (1_000, 10_000), 200, 0.5, 0.2)
+        else:
+            plan = cls(False, 5.0, (256, 128, 64, 32), 5.0, (100, 1000), 200, 5.0, 2_000, 100_000,
+                       (10_000, 1_000_000), 200, 3.0, 1.0)
+        if backend == "postgresql":  # a network round trip per commit: its own rate and targets
+            plan = replace(plan, backend=backend, latency_rates=(500,), e2e_p99_ms=200.0)
+        return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,9 +130,13 @@ class Proc:
             return "(no log)"
 
 
-def stop_all() -> None:
+def stop_all(keep: bool = False) -> None:
+    """Every process the benchmark started: the receivers and loads first, the clusters (which
+    the receivers use until they stop) last."""
     for proc in list(reversed(_live)):
         proc.stop(grace=5)
+    for cluster in list(reversed(_clusters)):
+        cluster.stop(keep)
 
 
 def free_port() -> int:
@@ -210,10 +224,71 @@ class Fake:
         return list(get_json(self.url + "/_fake/messages", timeout=60))
 
 
-def receiver_config(port: int, db: Path, clickatell_url: str, **dispatch: Any) -> dict[str, Any]:
+class Cluster:
+    """A PostgreSQL cluster of the benchmark's own, started by tests/pg.py (as the tests start
+    theirs: initdb in a new directory, 127.0.0.1 on a free port, fsync and synchronous_commit on;
+    as root it runs as the ``postgres`` user). Every phase gets a database of its own. Stopped
+    by :meth:`stop` (the run's ``finally``: also on Ctrl-C and SIGTERM), whatever state the start
+    got to."""
+
+    def __init__(self) -> None:
+        # only in PostgreSQL mode: tests/pg.py is what the tests start theirs with
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from tests import pg
+
+        self.bin = pg.binaries()
+        if self.bin is None:
+            raise Broken("PostgreSQL is not installed (apt-get install postgresql): "
+                         "--backend postgresql starts a cluster of its own")
+        # Its own directory, not under the run's (mkdtemp's 0700 would keep the postgres user out)
+        self.dir = Path(tempfile.mkdtemp(prefix="sms-bench-pg-"))
+        # Known before the start, so that stop() works whatever point an interruption came at
+        self.server = pg.Server(self.dir, free_port(), self.bin)
+        _clusters.append(self)
+        started = time.monotonic()
+        try:
+            self.server = pg.start(self.dir, self.server.port)
+            self.version = self.server.psql("SHOW server_version").split()[0]
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            raise Broken(f"PostgreSQL did not start: {exc}") from None
+        self.start_s = time.monotonic() - started
+
+    def database(self) -> str:
+        """A new, empty database: its URL."""
+        try:
+            url = self.server.database("bench")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            raise Broken(f"PostgreSQL: cannot create a database: {exc}") from None
+        return url
+
+    def drop(self, url: str) -> None:
+        """Drop a phase's database once its receivers have stopped: its tables' autovacuum
+        does not run in the middle of a later phase."""
+        name = url.rsplit("/", 1)[1]
+        try:
+            self.server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        except (RuntimeError, OSError, subprocess.SubprocessError):
+            pass  # only tidiness: the cluster goes at the end
+
+    def stop(self, keep: bool = False) -> None:
+        if self in _clusters:
+            _clusters.remove(self)
+        if (self.server.data / "postmaster.pid").exists():
+            self.server.stop("fast")
+            if self.server.running():
+                self.server.stop("immediate")
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_clusters: list[Cluster] = []
+
+
+def receiver_config(port: int, storage: str, clickatell_url: str, **dispatch: Any) -> dict[str, Any]:
     return {
         "listen": f"127.0.0.1:{port}",
-        "storage": f"sqlite://{db}",  # db is absolute: sqlite:///tmp/…
+        "storage": storage,  # sqlite:///tmp/… (an absolute path) or postgresql://…
         "log_format": "text",
         "clickatell": {"api_key": "bench-key", "base_url": clickatell_url},
         "paging": {"throttle": []},  # flood control would hold back repeated pages to one phone
@@ -226,10 +301,11 @@ def receiver_config(port: int, db: Path, clickatell_url: str, **dispatch: Any) -
 class Receiver:
     """``python -m receiver run`` on a config of its own (JSON is YAML)."""
 
-    def __init__(self, work: Path, name: str, db: Path, clickatell_url: str, **dispatch: Any) -> None:
-        self.name, self.db, self.port = name, db, free_port()
+    def __init__(self, work: Path, name: str, storage: str, clickatell_url: str, **dispatch: Any) -> None:
+        self.name, self.storage, self.port = name, storage, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_s, self.stop_s = 0.0, 0.0  # start-up and shut-down times, for the record
+        self.faults: dict[str, float] | None = None  # its error counters, read just before it stops
         self.config = work / f"{name}.yaml"
         self.write_config(clickatell_url, **dispatch)
         started = time.monotonic()
@@ -244,7 +320,7 @@ class Receiver:
         self.ready_s = time.monotonic() - started
 
     def write_config(self, clickatell_url: str, **dispatch: Any) -> None:
-        cfg = receiver_config(self.port, self.db, clickatell_url, **dispatch)
+        cfg = receiver_config(self.port, self.storage, clickatell_url, **dispatch)
         self.config.write_text(json.dumps(cfg, indent=2))
 
     def metrics(self) -> str:
@@ -268,7 +344,25 @@ class Receiver:
                 fields[key] = int(value.split()[0]) / 1024  # kB
         return fields["VmHWM"], fields["VmRSS"]
 
+    def read_faults(self) -> dict[str, float] | None:
+        """What went wrong inside it that the load generator may not see (a failed planning or
+        claim is retried, not answered): its outbox's failed operations, claims it took over
+        from a lease that ran out, webhooks answered 503. None if it cannot be asked."""
+        if self.faults is None and self.proc.alive():
+            try:
+                text = self.metrics()
+            except (Broken, OSError, ValueError):
+                return None
+            self.faults = {
+                "store_errors": metric(text, "sms_receiver_store_errors_total"),
+                "claims_taken_over": metric(text, "sms_receiver_claims_taken_over_total"),
+                "webhooks_store_error": metric(text, "sms_receiver_webhooks_received_total",
+                                               outcome="store_error"),
+            }
+        return self.faults
+
     def stop(self) -> None:
+        self.read_faults()
         started = time.monotonic()
         self.proc.stop()
         self.stop_s = time.monotonic() - started
@@ -335,6 +429,18 @@ class Load:
         return self.ok / self.seconds if self.seconds else 0.0
 
 
+def summed(loads: list[Load]) -> Load:
+    """Loads that ran at the same time against different servers, as one: their rates added
+    (each over its own duration), their latency percentiles the worst of them."""
+    rate = sum(load.rate for load in loads)
+    ok = sum(load.ok for load in loads)
+    p50 = [load.p50_ms for load in loads if load.p50_ms is not None]
+    p99 = [load.p99_ms for load in loads if load.p99_ms is not None]
+    return Load(f"{len(loads)} × {loads[0].tool}", sum(load.requests for load in loads), ok,
+                sum(load.errors for load in loads), ok / rate if rate else 0.0,
+                max(p50) if p50 else None, max(p99) if p99 else None)
+
+
 class Loader:
     def __init__(self, work: Path, use_wrk: bool) -> None:
         self.work = work
@@ -373,17 +479,56 @@ class Loader:
             args += ["--records", str(records)]
         return self._loadgen_load(args, seconds)
 
-    def _wrk(self, url: str, alerts: int, seconds: int, connections: int) -> Load:
+    def closed_side_by_side(self, urls: list[str], alerts: int, seconds: float,
+                            connections: list[int]) -> list[Load]:
+        """One closed-loop load per URL, all at once (separate processes, started together):
+        ``connections[i]`` connections to ``urls[i]`` for ``seconds``."""
+        if self.wrk:
+            secs = max(1, round(seconds))
+            argvs = [self._wrk_argv(url, alerts, secs, c) for url, c in zip(urls, connections, strict=True)]
+        else:
+            secs = seconds
+            argvs = [[PYTHON, str(BENCH / "loadgen.py"), "--url", url, "--body", str(self.bodies[alerts]),
+                      "--nonce", self.nonce(), "--connections", str(c), "--duration", str(seconds)]
+                     for url, c in zip(urls, connections, strict=True)]
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            for argv in argvs:
+                procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                              stdin=subprocess.DEVNULL, text=True, cwd=REPO))
+            outs = [proc.communicate(timeout=secs + 300) for proc in procs]
+        except BaseException:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+            raise
+        loads = []
+        for proc, (stdout, stderr) in zip(procs, outs, strict=True):
+            if self.wrk:
+                loads.append(self._wrk_result(proc.returncode, stdout, stderr))
+            else:
+                if proc.returncode != 0:
+                    raise Broken(f"loadgen failed ({proc.returncode}): {stderr[-800:]}")
+                loads.append(self._loadgen_result(dict(json.loads(stdout.strip().splitlines()[-1])), seconds))
+        return loads
+
+    def _wrk_argv(self, url: str, alerts: int, seconds: int, connections: int) -> list[str]:
         assert self.wrk
-        argv = [self.wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        return [self.wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
                 "-s", str(BENCH / "unique.lua"), url, "--", str(self.bodies[alerts]), self.nonce()]
-        run = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
-                             cwd=REPO, check=False)
-        found = re.search(r"^BENCH (.*)$", run.stdout, re.MULTILINE)
-        if run.returncode != 0 or not found:
-            raise Broken(f"wrk failed ({run.returncode}): {run.stdout[-500:]} {run.stderr[-500:]}")
+
+    def _wrk(self, url: str, alerts: int, seconds: int, connections: int) -> Load:
+        run = subprocess.run(self._wrk_argv(url, alerts, seconds, connections), capture_output=True, text=True,
+                             timeout=seconds + 60, cwd=REPO, check=False)
+        return self._wrk_result(run.returncode, run.stdout, run.stderr)
+
+    @staticmethod
+    def _wrk_result(returncode: int, stdout: str, stderr: str) -> Load:
+        found = re.search(r"^BENCH (.*)$", stdout, re.MULTILINE)
+        if returncode != 0 or not found:
+            raise Broken(f"wrk failed ({returncode}): {stdout[-500:]} {stderr[-500:]}")
         raw: dict[str, Any] = {k: int(v) for k, v in (kv.split("=") for kv in found.group(1).split())}
-        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", run.stdout)
+        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", stdout)
         raw["errors_socket"] = sum(int(n) for n in sock.groups()) if sock else 0
         raw["errors_read_write"] = int(sock.group(2)) + int(sock.group(3)) if sock else 0
         errors = raw["errors_status"] + raw["errors_socket"]
@@ -391,7 +536,10 @@ class Loader:
                     raw["duration_us"] / 1e6, raw["p50_us"] / 1000, raw["p99_us"] / 1000, raw)
 
     def _loadgen_load(self, args: list[str], seconds: float) -> Load:
-        raw = self._loadgen(args, seconds)
+        return self._loadgen_result(self._loadgen(args, seconds), seconds)
+
+    @staticmethod
+    def _loadgen_result(raw: dict[str, Any], seconds: float) -> Load:
         elapsed = raw.get("elapsed_s") or raw.get("duration_s") or seconds
         return Load("loadgen", raw["requests"], raw["ok"], raw["errors_status"] + raw["errors_socket"],
                     float(elapsed), raw["p50_ms"], raw["p99_ms"], raw)
@@ -465,22 +613,49 @@ def check_errors(load: Load) -> None:
 
 
 class Bench:
-    def __init__(self, plan: Plan, work: Path, use_wrk: bool) -> None:
-        self.plan, self.work = plan, work
+    def __init__(self, plan: Plan, work: Path, use_wrk: bool, keep: bool = False) -> None:
+        self.plan, self.work, self.keep = plan, work, keep
         self.report = Report()
         self.load = Loader(work, use_wrk)
         self.fake: Fake | None = None
+        self.cluster: Cluster | None = None  # --backend postgresql
+        self.receivers: list[Receiver] = []  # every one started: their faults, for the errors row
+        self.loads: list[Load] = []  # every load against a receiver: their errors, idem
         self._dbs = 0
         self.empty_outbox: Path | None = None  # an outbox the receiver created, emptied (phase f)
+
+    @property
+    def postgresql(self) -> bool:
+        return self.plan.backend == "postgresql"
 
     def db(self) -> Path:
         self._dbs += 1
         return self.work / f"outbox-{self._dbs}.db"
 
-    def receiver(self, name: str, *, db: Path | None = None, clickatell_url: str | None = None,
-                 **dispatch: Any) -> Receiver:
+    def outbox(self) -> str:
+        """A fresh outbox's ``storage``: a new SQLite file, or a new database on the cluster."""
+        if self.cluster is not None:
+            return self.cluster.database()
+        return f"sqlite://{self.db()}"  # absolute: sqlite:///tmp/…
+
+    def done_with(self, storage: str) -> None:
+        """A phase's outbox once its receivers have stopped (PostgreSQL: dropped, unless --keep)."""
+        if self.cluster is not None and not self.keep:
+            self.cluster.drop(storage)
+
+    def receiver(self, name: str, *, db: Path | None = None, storage: str | None = None,
+                 clickatell_url: str | None = None, **dispatch: Any) -> Receiver:
         assert self.fake is not None
-        return Receiver(self.work, name, db or self.db(), clickatell_url or self.fake.url, **dispatch)
+        if db is not None:
+            storage = f"sqlite://{db}"
+        r = Receiver(self.work, name, storage or self.outbox(), clickatell_url or self.fake.url, **dispatch)
+        self.receivers.append(r)
+        return r
+
+    def counted(self, load: Load) -> Load:
+        """A load against a receiver, kept for the errors row."""
+        self.loads.append(load)
+        return load
 
     def phase(self, name: str, fn: Callable[[], None]) -> None:
         """Run one phase; a broken phase is reported and the others still run."""
@@ -493,12 +668,28 @@ class Bench:
             self.report.broken(name, f"{type(exc).__name__}: {exc}")
 
     PHASES = ("accept", "end_to_end", "drain", "rss", "stored_rows")
+    SQLITE_ONLY: ClassVar[dict[str, str]] = {
+        "rss": "peak RSS", "stored_rows": "latency and /metrics against 1,000,000 stored messages"}
 
     def run(self, only: tuple[str, ...] = PHASES) -> None:
         self.fake = Fake(self.work)
+        if self.postgresql:
+            self.cluster = Cluster()
+            self.report.log(f"PostgreSQL {self.cluster.version} on 127.0.0.1:{self.cluster.server.port} "
+                            f"(started in {self.cluster.start_s:.1f}s, {self.cluster.dir})")
+        skipped = []
         for name in self.PHASES:
-            if name in only:
-                self.phase(name.replace("_", " "), getattr(self, name))
+            if name not in only:
+                continue
+            if self.postgresql and name in self.SQLITE_ONLY:
+                skipped.append(self.SQLITE_ONLY[name])
+                continue
+            self.phase(name.replace("_", " "), getattr(self, name))
+        if self.postgresql:
+            self._errors_row()
+        if skipped:
+            self.report.row(Row("skipped with --backend postgresql (SQLite rows)", "; ".join(skipped),
+                                "—", None))
 
     # -- a, b: accept throughput vs the ceiling, then latency at fixed rates ----------------------
 
@@ -506,6 +697,9 @@ class Bench:
         """Each load against the ceiling and then against a fresh receiver, one after the other,
         so that both see the same machine: a shared machine's speed drifts by tens of percent
         over a few minutes, which measuring all of one and then all of the other would count."""
+        if self.postgresql:
+            self.accept_replicas()
+            return
         p = self.plan
         assert self.fake is not None
         self.fake.reset(delay=CLICKATELL_DELAY)
@@ -535,7 +729,72 @@ class Bench:
         finally:
             bare.stop()
 
-    def _throughput_row(self, alerts: int, got: dict[int, Load], ceiling: dict[int, Load]) -> None:
+    def accept_replicas(self) -> None:
+        """PostgreSQL: at each connection count, the ceiling, then one receiver on a fresh
+        database, then two receivers on one fresh database, each under half the connections
+        (two wrk processes at once, their rates summed). 1 alert/webhook; no target: on two
+        cores the receivers, wrk and PostgreSQL share the CPU, so this is what it is here."""
+        p = self.plan
+        assert self.fake is not None
+        self.fake.reset(delay=CLICKATELL_DELAY)
+        port = free_port()
+        bare = Proc("bare.py", [PYTHON, str(BENCH / "bare.py"), str(port)], self.work / "bare.log")
+        bare_url = f"http://127.0.0.1:{port}{WEBHOOK}"
+        ceiling: dict[int, Load] = {}
+        one: dict[int, Load] = {}
+        two: dict[int, Load] = {}
+        parts: dict[int, list[Load]] = {}
+        latency: list[Row] = []  # added after the throughput rows, as with SQLite
+        try:
+            wait_until("bare.py", lambda: http("POST", bare_url, b"{}", timeout=1)[0] == 200, 30, bare)
+            for c in p.connections:
+                ceiling[c] = self.load.closed(bare_url, 1, p.throughput_s, c)
+                check_errors(ceiling[c])
+                storage = self.outbox()
+                r = self.receiver(f"accept-1x-c{c}", storage=storage)
+                try:
+                    one[c] = self.counted(self.load.closed(r.url + WEBHOOK, 1, p.throughput_s, c))
+                    check_errors(one[c])
+                    if c == p.connections[-1]:  # the latency rows: on this receiver, planning its backlog
+                        bare.stop()
+                        self._latency_rows(r.url + WEBHOOK, latency)
+                finally:
+                    r.stop()
+                    self.done_with(storage)
+                storage = self.outbox()
+                pair: list[Receiver] = []
+                try:
+                    for side in "ab":
+                        pair.append(self.receiver(f"accept-2x{side}-c{c}", storage=storage))
+                    split = [c // 2, c - c // 2]
+                    parts[c] = [self.counted(load) for load in self.load.closed_side_by_side(
+                        [x.url + WEBHOOK for x in pair], 1, p.throughput_s, split)]
+                    for load in parts[c]:
+                        check_errors(load)
+                    two[c] = summed(parts[c])
+                finally:
+                    for x in pair:
+                        x.read_faults()  # both asked before either stops: none takes over the other's claims
+                    for x in pair:
+                        x.stop()
+                    self.done_with(storage)
+        finally:
+            bare.stop()
+        self._throughput_row(1, one, ceiling, label="1 replica", target=False)
+        self.report.phases["throughput_1_two_replicas_parts"] = {
+            c: [asdict(load) for load in loads] for c, loads in parts.items()}
+        best_one = max(one.values(), key=lambda load: load.rate)
+        self._throughput_row(1, two, ceiling, label="2 replicas on one database, load split in two",
+                             target=False, key="throughput_1_two_replicas",
+                             extra=lambda best: (f"; {parts[best][0].rate:,.0f}/s + {parts[best][1].rate:,.0f}/s"
+                                                 f" at c{best // 2}+c{best - best // 2}; "
+                                                 f"×{two[best].rate / best_one.rate:.2f} of 1 replica"))
+        for row in latency:
+            self.report.row(row)
+
+    def _throughput_row(self, alerts: int, got: dict[int, Load], ceiling: dict[int, Load], *,
+                        label: str = "", target: bool = True, key: str = "",
+                        extra: Callable[[int], str] | None = None) -> None:
         """Best rate against best rate: a durable receiver answers after an fdatasync, so at
         few connections it waits on the disk with CPU to spare; the ceiling never does."""
         best = max(got, key=lambda c: got[c].rate)
@@ -543,33 +802,40 @@ class Bench:
         ratio = got[best].rate / ceiling[best_ceiling].rate * 100
         at = {c: got[c].rate / ceiling[c].rate * 100 for c in got}
         errors = sum(load.errors for load in got.values())
-        self.report.phases[f"throughput_{alerts}"] = {
+        self.report.phases[key or f"throughput_{alerts}"] = {
             "receiver": {c: asdict(load) for c, load in got.items()},
             "ceiling": {c: asdict(load) for c, load in ceiling.items()},
         }
         each = ", ".join(f"c{c} {at[c]:.0f} %" for c in sorted(at))
         self.report.row(Row(
-            f"accept throughput, {alerts} alert{'s' if alerts > 1 else ''}/webhook "
-            f"({got[best].tool}, best of {min(got)}–{max(got)} connections)",
+            f"accept throughput, {alerts} alert{'s' if alerts > 1 else ''}/webhook"
+            f"{', ' + label if label else ''} ({got[best].tool}, best of {min(got)}–{max(got)} connections)",
             f"{got[best].rate:,.0f}/s (c{best}) = {ratio:.0f} % of ceiling {ceiling[best_ceiling].rate:,.0f}/s "
-            f"(c{best_ceiling}); same connections: {each}; {errors} errors",
-            "≥ 35 %, 0 errors", ratio >= 35 and errors == 0,
+            f"(c{best_ceiling}){extra(best) if extra else ''}; same connections: {each}; {errors} errors",
+            "≥ 35 %, 0 errors" if target else "none (reported)",
+            (ratio >= 35 and errors == 0) if target else None,
             {"rate": got[best].rate, "connections": best, "ceiling": ceiling[best_ceiling].rate,
              "ceiling_connections": best_ceiling, "ratio_pct": ratio, "errors": errors,
              "ratio_pct_at": at},
         ))
 
-    def _latency_rows(self, url: str) -> None:
+    def _latency_rows(self, url: str, later: list[Row] | None = None) -> None:
+        """One row per fixed rate; into ``later`` (if given, and the load had no error) for the
+        caller to add after rows it has yet to make."""
         p, rep = self.plan, self.report
         for rate in p.latency_rates:
-            load = self.load.open(url, rate, p.latency_s, warmup=p.warmup_s)
+            load = self.counted(self.load.open(url, rate, p.latency_s, warmup=p.warmup_s))
             rep.phases[f"latency_{rate}"] = asdict(load)
-            rep.row(Row(
+            row = Row(
                 f"accept latency at {rate:,}/s (open loop)",
                 f"{fmt_lat(load)}{self._generator_note(load, rate)}",
                 "p99 ≤ 25 ms", load.p99_ms is not None and load.p99_ms <= 25,
                 {"p50_ms": load.p50_ms, "p99_ms": load.p99_ms, **_gen(load)},
-            ))
+            )
+            if later is None or load.errors:
+                rep.row(row)
+            else:
+                later.append(row)
             check_errors(load)
 
     @staticmethod
@@ -592,9 +858,10 @@ class Bench:
         assert self.fake is not None
         self.fake.reset()
         records_file = self.work / "e2e-records.json"
-        db = self.db()
-        with self.receiver("e2e", db=db) as r:
-            load = self.load.open(r.url + WEBHOOK, p.e2e_rate, p.e2e_s, records=records_file)
+        db = None if self.postgresql else self.db()
+        storage = f"sqlite://{db}" if db is not None else self.outbox()
+        with self.receiver("e2e", storage=storage) as r:
+            load = self.counted(self.load.open(r.url + WEBHOOK, p.e2e_rate, p.e2e_s, records=records_file))
             check_errors(load)
             records = json.loads(records_file.read_text())
             fake = self.fake
@@ -609,8 +876,10 @@ class Bench:
                     # the last of its five recipients: the page is out once all five are
                     received[token] = max(received.get(token, 0.0), float(m["received_at"]))
                     sms[token] = sms.get(token, 0) + 1
-        self.empty_outbox = self.work / "empty.db"  # for phase f; the receiver has stopped now
-        empty_copy(db, self.empty_outbox)
+        if db is not None:
+            self.empty_outbox = self.work / "empty.db"  # for phase f; the receiver has stopped now
+            empty_copy(db, self.empty_outbox)
+        self.done_with(storage)
         latencies = [(received[t] - answered) * 1000 for t, _status, answered in records if t in received]
         missing = [t for t, _s, _a in records if sms.get(t) != len(MEMBERS)]
         if missing:
@@ -623,7 +892,33 @@ class Bench:
         rep.row(Row(
             f"end-to-end latency at {p.e2e_rate}/s (answered → at fake)",
             f"p50 {fmt_ms(p50)}, p99 {fmt_ms(p99)} ({len(records)} webhooks, accept {fmt_lat(load)})",
-            "p99 ≤ 100 ms", p99 <= 100, {"p50_ms": p50, "p99_ms": p99, **_gen(load)},
+            f"p99 ≤ {p.e2e_p99_ms:.0f} ms", p99 <= p.e2e_p99_ms, {"p50_ms": p50, "p99_ms": p99, **_gen(load)},
+        ))
+
+    # -- PostgreSQL: errors over every phase ---------------------------------------------------------
+
+    def _errors_row(self) -> None:
+        """HTTP errors of every load against a receiver (each also breaks its phase), and what
+        each receiver counted just before it stopped: failed outbox operations (a planning or
+        claim that failed is retried, invisible to the load), claims taken over."""
+        requests = sum(load.requests for load in self.loads)
+        http_errors = sum(load.errors for load in self.loads)
+        faults = [r.faults for r in self.receivers if r.faults is not None]
+        unread = sum(1 for r in self.receivers if r.faults is None)
+        store = sum(f["store_errors"] for f in faults)
+        taken = sum(f["claims_taken_over"] for f in faults)
+        answered_503 = sum(f["webhooks_store_error"] for f in faults)
+        self.report.phases["errors"] = {"requests": requests, "http_errors": http_errors, "store_errors": store,
+                                        "claims_taken_over": taken, "webhooks_store_error": answered_503,
+                                        "receivers": len(self.receivers), "receivers_unread": unread}
+        total = http_errors + store + taken
+        self.report.row(Row(
+            "errors, every phase above (webhooks; outbox operations; claims taken over)",
+            f"{http_errors:,} of {requests:,} webhooks non-2xx or socket error ({answered_503:.0f} answered 503); "
+            f"{store:.0f} failed outbox operations, {taken:.0f} claims taken over "
+            f"(sms_receiver_store_errors_total, sms_receiver_claims_taken_over_total, {len(faults)} receivers"
+            f"{f'; {unread} could not be read' if unread else ''})",
+            "0", total == 0 and unread == 0, {"total": total, "unread": unread},
         ))
 
     # -- d: drain rate -----------------------------------------------------------------------------
@@ -637,8 +932,10 @@ class Bench:
         self.fake.reset()
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
         n = p.drain_webhooks
-        with self.receiver("drain", clickatell_url=dead, retry_initial="1h", retry_max="1h") as r:
-            fill = self.load.closed_count(r.url + WEBHOOK, n)
+        storage = self.outbox()
+        with self.receiver("drain", storage=storage, clickatell_url=dead, retry_initial="1h",
+                           retry_max="1h") as r:
+            fill = self.counted(self.load.closed_count(r.url + WEBHOOK, n))
             check_errors(fill)
 
             def quiet() -> bool:  # every message tried once and back to pending
@@ -663,6 +960,7 @@ class Bench:
             while (sent := metric(r.metrics(), "sms_receiver_sms_sent_total")) < len(messages) \
                     and time.monotonic() < deadline:
                 time.sleep(0.05)
+        self.done_with(storage)
         last = max(float(m["received_at"]) for m in messages)
         seconds = last - start
         rate = len(messages) / seconds
@@ -904,28 +1202,39 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, outboxes)")
     parser.add_argument("--only", action="append", choices=Bench.PHASES,
                         help="run only this phase (repeatable; a partial run for development)")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the outbox: SQLite files (default), or databases on a PostgreSQL cluster the "
+                        "benchmark starts and stops itself (its own rows and targets)")
     args = parser.parse_args()
-    out: Path = args.out or BENCH / "results" / ("smoke.json" if args.smoke else "latest.json")
+    suffix = "" if args.backend == "sqlite" else f"-{args.backend}"
+    out: Path = args.out or BENCH / "results" / (f"smoke{suffix}.json" if args.smoke else f"latest{suffix}.json")
 
     signal.signal(signal.SIGTERM, _interrupted)
-    plan = Plan.make(args.smoke)
+    plan = Plan.make(args.smoke, args.backend)
     use_wrk = not args.no_wrk
     work = Path(tempfile.mkdtemp(prefix="sms-bench-"))
     info = machine_info(use_wrk)
-    bench = Bench(plan, work, use_wrk)
+    info["backend"] = args.backend
+    bench = Bench(plan, work, use_wrk, keep=args.keep)
     rep = bench.report
     rep.log(f"{'smoke' if plan.smoke else 'full'} run in {work}; {info['nproc']} CPUs, Python {info['python']}, "
-            f"load: {info['load_generator']}; load average {info['loadavg_start'][0]:.2f}")
+            f"load: {info['load_generator']}; outbox: {args.backend}; "
+            f"load average {info['loadavg_start'][0]:.2f}")
     try:
         bench.run(tuple(args.only or Bench.PHASES))
-    except Broken as exc:  # the fake did not start: nothing else can run
+    except Broken as exc:  # the fake or the cluster did not start: nothing else can run
         rep.broken("setup", str(exc))
     except KeyboardInterrupt:
         rep.broken("run", "interrupted")
     finally:
-        stop_all()
+        try:
+            stop_all(args.keep)  # the cluster too; a second Ctrl-C here must not leave it running
+        except KeyboardInterrupt:
+            stop_all(args.keep)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if bench.cluster is not None:
+        info["postgresql"] = bench.cluster.version
     info["loadavg_end"] = os.getloadavg()
     elapsed = time.monotonic() - rep.start
 
@@ -933,15 +1242,20 @@ def main() -> int:
     print()
     print(rep.table())
     print()
+    outbox = f"SQLite {info['sqlite']}"
+    if plan.backend == "postgresql":
+        outbox = f"PostgreSQL {info['postgresql']} (fsync on)" if "postgresql" in info else "PostgreSQL (not started)"
     print(f"{'smoke' if plan.smoke else 'full'} run, {elapsed:.0f} s; nproc {info['nproc']} ({info['cpu']}), "
-          f"Python {info['python']}, SQLite {info['sqlite']}, load: {info['load_generator']}, "
+          f"Python {info['python']}, {outbox}, load: {info['load_generator']}, "
           f"load average {info['loadavg_start'][0]:.2f} → {info['loadavg_end'][0]:.2f}, git {info['git']}")
     if args.keep:
-        print(f"logs and outboxes kept in {work}")
+        print(f"logs and outboxes kept in {work}"
+              + (f"; the PostgreSQL cluster's data (stopped) in {bench.cluster.dir}" if bench.cluster else ""))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "mode": "smoke" if plan.smoke else "full",
+        "backend": plan.backend,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 1),
         "machine": info,
