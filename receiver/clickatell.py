@@ -172,6 +172,7 @@ class ClickatellClient:
         self._users = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.timeout = timeout  # a whole request's, not each phase's (httpx's)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
@@ -205,9 +206,12 @@ class ClickatellClient:
         # The raw key, no "Bearer"; the HTTP API carries it in the query instead.
         headers = {"Authorization": key} if key_in_header else {}
         try:
-            with self.using():
-                response = await self._http.request(method, path, headers=headers, **kwargs)
-        except httpx.TimeoutException:
+            # httpx times connect, write and each read apart: bound the whole request, so that
+            # a send ends within its claim's lease (another replica takes it over after that)
+            async with asyncio.timeout(self.timeout):
+                with self.using():
+                    response = await self._http.request(method, path, headers=headers, **kwargs)
+        except (httpx.TimeoutException, TimeoutError):
             return _Answer(None, network_error="timed out")
         except httpx.HTTPError as exc:
             # str(exc) may contain the URL, and for the HTTP API the URL holds the key

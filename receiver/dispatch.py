@@ -101,6 +101,7 @@ class Dispatcher:
         self.last_run: float | None = None  # monotonic time of the last loop pass (readiness)
         self.last_error: str | None = None  # the store error of the last pass, if any
         self._next_release = float("-inf")  # clock time of the next look at held messages
+        self._lease_ends: dict[str, float] = {}  # message being sent → when its claim runs out
 
     def wake(self) -> None:
         """New messages were stored: look now rather than at the next poll."""
@@ -175,12 +176,15 @@ class Dispatcher:
         if room <= 0:
             return 0
         # neither a message being sent nor one whose result waits to be recorded: ours still
+        now = self._clock.now()  # the lease starts now, not when this pass began
         claimed = await self._store.claim(now, room, cfg.lease,
                                           exclude=[*self._inflight.values(), *self._unrecorded])
         admission = await holds.gate(self._store, claimed, snap.throttle, now)
         for gid, n in admission.throttled.items():
             self._metrics.sms_throttled.labels(gid).inc(n)
         for message in admission.ready:
+            if self._store.shared:
+                self._lease_ends[message.id] = now + cfg.lease
             task = asyncio.create_task(self._deliver(message))
             self._inflight[task] = message.id
             task.add_done_callback(self._done)
@@ -218,10 +222,13 @@ class Dispatcher:
         group = cfg.group(message.group_id)
         key = cfg.api_key_for(group) if group else cfg.clickatell.api_key.get_secret_value()
         numbers = message.pending_numbers
-        if not key:
-            attempt = self._dry_run(message, numbers)
-        else:
-            attempt = await self._send(message, numbers, key, snap)
+        try:
+            if not key:
+                attempt = self._dry_run(message, numbers)
+            else:
+                attempt = await self._send(message, numbers, key, snap)
+        finally:
+            self._lease_ends.pop(message.id, None)
         await self._record(message, self._result(message, numbers, attempt, snap))
 
     def _dry_run(self, message: MessageRecord, numbers: tuple[str, ...]) -> _Attempt:
@@ -238,9 +245,16 @@ class Dispatcher:
         cfg = snap.config
         attempt = _Attempt([])
         size = cfg.dispatch.batch_size
+        lease_ends = self._lease_ends.get(message.id, float("inf"))
         with self._client().using() as client:  # all of its requests on one client, kept open
             for start in range(0, len(numbers), size):
                 chunk = numbers[start : start + size]
+                if self._clock.now() + client.timeout >= lease_ends:
+                    # the claim could run out before Clickatell answers, and another replica
+                    # would send these too: they wait for the next claim instead
+                    attempt.merge(SendOutcome(Kind.TRANSIENT, (), None, client.api, 0.0, None,
+                                              "the claim's lease runs out before a request could end"))
+                    break
                 outcome = await self._request(client, key, chunk, message.text, message.id,
                                               cfg.clickatell.from_)
                 self._take(attempt, outcome, chunk)
@@ -316,7 +330,9 @@ class Dispatcher:
         broken, since the process is then stopping. False: not recorded (yet)."""
         try:
             state = await self._store.finish(result)
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - not recorded, whatever failed: kept, not resent
+            if not isinstance(exc, StoreError):
+                log.exception("recording the result of message %s failed", message.id)
             if self._store.broken is None:
                 if message.id not in self._unrecorded:
                     log.error("could not record the result of message %s (kept until it can "

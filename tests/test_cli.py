@@ -109,7 +109,7 @@ def test_check_config_refuses_a_storage_run_could_not_open(tmp_path: Path):
     """check-config accepts exactly what run can run: sqlite:// without a file, options or a
     malformed PostgreSQL URL are errors in both, not an OK followed by a start that fails or
     loses pages."""
-    for url, problem in (("sqlite://", "names no file"), ("postgresql://sms@db:0x/sms", "Port could not be cast")):
+    for url, problem in (("sqlite://", "names no file"), ("postgresql://sms@db:0x/sms", "its port is not a number")):
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"storage: {url!r}\n")
         checked = cli("check-config", str(cfg))

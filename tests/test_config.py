@@ -130,7 +130,9 @@ def test_default_template_always_present():
     ("sqlite:///var/lib/x/", "names no file"),
     ("sqlite://:memory:", "names no file"),
     ("sqlite:///x.db?busy_timeout=1s", "takes no options"),
-    ("postgresql://sms@db:99999/sms", "out of range"),
+    ("postgresql://sms@db:99999/sms", "its port is not a number from 1 to 65535"),
+    ("postgresql://sms@db:0/sms", "its port is not a number from 1 to 65535"),
+    ("postgresql://sms@db/sms?password=x", "a password in the query"),
     ("postgresql://sms@db/sms?sslmode=sometimes", "sslmode 'sometimes' is not one of"),
     ("postgresql://sms@db/sms?sslmode=require&sslmode=disable", "sslmode is given 2 times"),
     ("postgresql://sms@db/sms#x", "no #fragment"),
@@ -158,6 +160,11 @@ def test_postgresql_storage_and_its_password(tmp_path: Path):
     assert both.startswith("storage: ") and "not both" in both
     (stray,) = errors_of("storage: {url: 'postgresql://db/sms', pasword: y}\n")
     assert "unknown key 'pasword'" in stray
+    # a password left unencoded (# / ? in it) is still masked, in errors too
+    for url in ("postgresql://sms:s3cr#et@db/sms", "postgresql://sms:a/b?c@db:5432/sms"):
+        (err,) = errors_of(f"storage: {url!r}\n")
+        assert "postgresql://sms:***@db" in err and "s3cr" not in err and "a/b" not in err, err
+    assert make_config(storage="postgresql://h1:5432,h2:5433/sms").storage.kind == "postgresql"
 
 
 def test_with_replicas_a_lease_must_outlast_one_messages_sends():

@@ -587,3 +587,93 @@ async def eventually_true(check, timeout: float = 10.0) -> None:
     while not await asyncio.to_thread(check):
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+# -- what the review and the hostile tests found --------------------------------------------------
+
+
+async def test_a_nul_character_is_stored_not_refused(store):
+    """A NUL in a label, a template's output or Clickatell's error text (PostgreSQL's text
+    cannot hold one) must not keep a page from being stored or its result from being recorded."""
+    await store.accept([NewMessage(id="m", group_id="db", level="warning", status=AlertStatus.FIRING,
+                                   sms=SmsText("disk\x00full", "GSM-7", 1), recipients=(A,),
+                                   source="alertmanager", alert_count=1, priority=1,
+                                   items=(Item("k", "Disk\x00Full", "warning", 1, "firing"),))], 1000.0)
+    (m,) = await store.claim(1000.0, 10, 30.0)
+    assert m.text.replace("\ufffd", "\x00") == "disk\x00full"
+    assert await store.finish(result("m", 1001.0, RecipientUpdate(A, "failed", None, "105", "bad\x00body"),
+                                     error="HTTP 502: \x00\x01")) == "failed"
+    assert (await store.get_message("m")).recipients[0].error.replace("\ufffd", "\x00") == "bad\x00body"
+
+
+async def test_a_result_recorded_while_a_hold_is_released_settles_the_message(store):
+    """One recipient being sent, another held by the throttle and bundled away at that moment:
+    whichever commits first, the message ends sent, never stuck as held."""
+    ids = [f"m{i:02d}" for i in range(20)]
+    await store.accept([msg(i) for i in ids], 1000.0)
+    await store.claim(1000.0, 20, 30.0)
+    await store.apply(Changes(1000.0, sends=tuple((i, A) for i in ids),
+                              holds=tuple((i, B, 1060.0) for i in ids), hold_reason="throttle"))
+    await store.accept([msg("bundle", recipients=(B,), admitted=True)], 1060.0)
+    await asyncio.gather(
+        *(store.finish(result(i, 1060.0, RecipientUpdate(A, "accepted", "a" * 32))) for i in ids),
+        store.apply(Changes(1060.0, folds=(Fold(tuple(ids), "bundle", B),))))
+    assert {(await store.get_message(i)).state for i in ids} == {"sent"}
+
+
+async def test_a_late_result_after_a_takeover_settles_what_is_left(replicas):
+    """b took the message over and ended with a retry; a's late result says both recipients
+    were accepted: the message is sent, not pending with nobody to send to."""
+    a, b = replicas
+    await a.accept([msg("m")], 1000.0)
+    await a.claim(1000.0, 10, lease=30.0)
+    await b.claim(1030.0, 10, 30.0)
+    assert await b.finish(result("m", 1031.0, retry_at=1040.0, error="HTTP 503")) == "pending"
+    assert await a.finish(result("m", 1032.0, RecipientUpdate(A, "accepted", "a" * 32),
+                                 RecipientUpdate(B, "accepted", "b" * 32))) == "sent"
+    assert await b.claim(1100.0, 10, 30.0) == []
+
+
+async def test_a_replica_frozen_inside_a_decision_does_not_hold_the_others_back(pg_url):
+    """A replica stopped (SIGSTOP, a lost network) while it holds the policy lock: the server
+    ends its idle transaction, and the other replicas decide again."""
+    async with opened_pg(pg_url) as b:
+        frozen = PostgresStore(Storage(pg_url), session={"idle_in_transaction_session_timeout": "1s"})
+        await frozen.open()
+        try:
+            with pytest.raises(StoreError):
+                async with frozen.deciding() as d:
+                    await d.apply(Changes(1000.0, sends=(("m", A),)))
+                    async with b.deciding() as other:  # waits for the frozen one's session to end
+                        assert (await other.history([A], 900.0))[A].sent_at == []  # nothing of it
+        finally:
+            await frozen.close()
+
+
+async def test_the_session_settings_the_guarantees_need_win_over_the_url(pg_url):
+    url = f"{pg_url}?synchronous_commit=off&default_transaction_isolation=serializable"
+    async with opened_pg(url) as s:
+        async with s._conn() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+            assert await conn.fetchval("SHOW default_transaction_isolation") == "read committed"
+
+
+async def test_the_state_counts_are_summed_in_bounded_steps(pg_url, pg_server):
+    async with opened_pg(pg_url) as s:
+        await s.accept([msg(f"m{i}") for i in range(50)], 1000.0)
+        for _ in range(50):  # a row of counts per claim
+            await s.claim(1000.0, 1, 30.0)
+        db = pg_url.rsplit("/", 1)[1]
+        assert int(pg_server.psql("SELECT count(*) FROM message_counts", db)) > 50
+        await s.prune(0.0, 0.0, 0.0)
+        assert int(pg_server.psql("SELECT count(*) FROM message_counts", db)) <= 11
+        assert {k: v for k, v in (await s.stats()).by_state.items() if v} == {"sending": 50}
+
+
+async def test_notifications_that_could_not_be_planned_are_tried_again_at_start(pg_url):
+    async with opened_pg(pg_url) as s:
+        await s.receive(Received("n1", 1000.0, "alertmanager", b"{}"), key(1), 60.0)
+        await s.planned([Planned("n1", 1000.0, error="ValueError: a bug")])
+        assert await s.unplanned(10) == []
+    async with opened_pg(pg_url) as s:  # a new release started
+        assert [n.id for n in await s.unplanned(10)] == ["n1"]

@@ -100,13 +100,21 @@ class Storage:
 
     def __str__(self) -> str:
         """The URL with any password masked: safe to log."""
-        return _PASSWORD_IN_URL.sub(r"\1***@", self.url)
+        return redact(self.url)
 
     def __repr__(self) -> str:
         return f"Storage({str(self)!r})"
 
 
-_PASSWORD_IN_URL = re.compile(r"^(\w+://[^:/@?#]*:)[^@/?#]*@")
+def redact(url: str) -> str:
+    """``url`` with the password of its user part masked, however it is written (a ``#``, ``/``
+    or ``?`` left unencoded in it included): everything between the first ``:`` after the
+    scheme and the last ``@`` of the URL."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 # Query parameters of a postgresql:// URL asyncpg understands (anything else is a server setting,
 # which is allowed too, but these are checked).
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -117,17 +125,22 @@ def _postgresql(url: str, password: str | None) -> Storage:
     password and database may also come from the ``PG*`` environment variables."""
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises on a port that is not a number
-    except ValueError as exc:
-        raise ValueError(f"{str(Storage(url))!r} is not a PostgreSQL URL: {exc}") from None
+        # one host's port must be a number; several hosts (h1:5432,h2:5432) are the driver's
+        port = None if "," in parts.netloc else parts.port
+        if port == 0:
+            raise ValueError
+    except ValueError:  # its message may quote the password: not shown
+        raise ValueError(f"{str(Storage(url))!r} is not a PostgreSQL URL: its port is not a number from "
+                         "1 to 65535 (a password with # / ? @ must be percent-encoded, %23 %2F %3F %40)") from None
     if parts.fragment:
         raise ValueError(f"{str(Storage(url))!r}: a PostgreSQL URL has no #fragment")
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{str(Storage(url))!r}: port {port} is out of range")
     query = parse_qs(parts.query, keep_blank_values=True)
     for key, values in query.items():
         if len(values) > 1:
             raise ValueError(f"{str(Storage(url))!r}: {key} is given {len(values)} times")
+    if "password" in query:
+        raise ValueError(f"{str(Storage(url))!r}: a password in the query would be shown wherever the "
+                         "URL is; give it as user:password@ in the URL, or as storage.password_file")
     mode = query.get("sslmode", ["prefer"])[0]
     if mode not in _SSLMODES:
         raise ValueError(f"{str(Storage(url))!r}: sslmode {mode!r} is not one of {', '.join(_SSLMODES)}")

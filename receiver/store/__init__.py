@@ -230,6 +230,9 @@ class Store(Decisions, Protocol):
     transaction of their own (tests, tools); the dispatcher uses them inside."""
 
     broken: str | None  # set when a fault ended this store (see the module's docstring)
+    # Other processes claim from it too (PostgreSQL): a claim whose lease runs out while it is
+    # being sent is taken over by another, so a send must not start past its lease.
+    shared: bool
 
     async def open(self) -> None: ...
 

@@ -27,7 +27,6 @@ The contract is the store protocol's (:mod:`receiver.store`); what several repli
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -35,12 +34,13 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from receiver.config import Storage
-from receiver.models import FINISHED_STATES, MessageState, NewMessage, RecipientState, message_state
+from receiver.models import FINISHED_STATES, MessageState, NewMessage, RecipientState
 from receiver.store import (
     REPORT_WINDOW,
     Changes,
@@ -50,22 +50,41 @@ from receiver.store import (
     OutboxStats,
     Planned,
     Received,
-    RecipientRecord,
     Result,
     StoreError,
     StoreUsage,
 )
+from receiver.store.batch import Batcher
 from receiver.store.postgres_schema import POLICY_LOCK, SchemaError, migrate
-from receiver.store.sql import MESSAGE_COLUMNS, RECIPIENT_COLUMNS, record
+from receiver.store.postgres_sql import (
+    COLUMNS_M,
+    Decider,
+    fenced,
+    insert,
+    record_results,
+    with_recipients,
+)
+from receiver.store.sql import MESSAGE_COLUMNS
 
 log = logging.getLogger("sms_receiver.store")
 T = TypeVar("T")
-I = TypeVar("I")  # noqa: E741
-R = TypeVar("R")
 
 POOL_SIZE = 10
 STATEMENT_TIMEOUT = 30.0  # seconds: no statement waits longer (a lost connection, a lock)
 PLANNING_LEASE = 60  # seconds a replica has to plan the notifications it took
+COUNTS_CHUNK = 10_000  # message_counts rows summed per statement
+# Set on every connection, over anything the URL or the role says: the guarantees depend on them.
+SESSION = {
+    "application_name": "sms-receiver",
+    "synchronous_commit": "on",  # a webhook is answered once its commit is flushed
+    "default_transaction_isolation": "read committed",  # each statement sees what committed before it
+    # A replica that froze or lost its network inside a transaction must not hold the policy lock
+    # or a dedup key's row from the others for longer than this
+    "idle_in_transaction_session_timeout": "20s",
+    "lock_timeout": "15s",
+    "statement_timeout": "30s",
+    "tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
+}
 _FINISHED = list(FINISHED_STATES)
 _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)  # what a bug's data meets
 # Connection-level failures: the database is down, restarting or unreachable.
@@ -74,180 +93,22 @@ _DOWN = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.Internal
          asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError)
 
 
-class _Batcher(Generic[I, R]):
-    """Group commit: items added while a batch commits go in the next one, together."""
-
-    def __init__(self, run: Callable[[list[I]], Awaitable[list[R]]]) -> None:
-        self._run = run
-        self._queue: list[tuple[I, asyncio.Future[R]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def add(self, item: I) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if self._task is None:
-            self._task = asyncio.create_task(self._drain(), name="postgres group commit")
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    results = await self._run([item for item, _ in batch])
-                except BaseException as exc:  # noqa: BLE001 - every waiter gets the failure
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_exception(exc if isinstance(exc, Exception) else StoreError(str(exc)))
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, f), r in zip(batch, results, strict=True):
-                    if not f.done():
-                        f.set_result(r)
-        finally:
-            self._task = None
-
-
-def _message_rows(messages: Sequence[NewMessage], times: Sequence[float]) -> list[list[Any]]:
-    """Columns of ``INSERT INTO messages`` as arrays for ``unnest``."""
-    rows = [(m.id, t, m.source, m.group_id, m.level, m.priority, str(m.status), m.sms.text,
-             m.sms.encoding, m.sms.parts, m.alert_count, m.template_error, m.state,
-             m.hold_until if m.hold_until is not None else t, t, m.hold_reason,
-             json.dumps([i.to_list() for i in m.items]) if m.items else None)
-            for m, t in zip(messages, times, strict=True)]
-    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(17)]
-
-
-_INSERT_MESSAGES = (
-    "INSERT INTO messages(id, created_at, source, group_id, level, priority, status, text, encoding, "
-    "parts, alert_count, template_error, state, next_attempt_at, updated_at, hold_reason, items) "
-    "SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], $5::text[], $6::int[], "
-    "$7::text[], $8::text[], $9::text[], $10::int[], $11::int[], $12::text[], $13::text[], "
-    "$14::float8[], $15::float8[], $16::text[], $17::text[])"
-)
-_INSERT_RECIPIENTS = (
-    "INSERT INTO recipients(message_id, number, state, updated_at, admitted_at) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[])"
-)
-_COLUMNS_M = ", ".join("m." + c.strip() for c in MESSAGE_COLUMNS.split(","))
-
-
-async def _insert(conn: Any, messages: Sequence[NewMessage], times: Sequence[float]) -> None:
-    if not messages:
-        return
-    await conn.execute(_INSERT_MESSAGES, *_message_rows(messages, times))
-    rows = [(m.id, n, "suppressed" if m.suppressed else "pending", t, t if m.admitted else None)
-            for m, t in zip(messages, times, strict=True) for n in m.recipients]
-    await conn.execute(_INSERT_RECIPIENTS, *[list(c) for c in zip(*rows, strict=True)])
-
-
-async def _with_recipients(conn: Any, rows: Sequence[Any]) -> list[MessageRecord]:
-    if not rows:
-        return []
-    by_message: dict[str, list[RecipientRecord]] = {r[0]: [] for r in rows}
-    for row in await conn.fetch(f"SELECT message_id, {RECIPIENT_COLUMNS} FROM recipients "
-                                "WHERE message_id = ANY($1::text[]) ORDER BY message_id, number",
-                                list(by_message)):
-        by_message[row[0]].append(RecipientRecord(*row[1:10], admitted=row[10] is not None))
-    return [record(tuple(r), by_message[r[0]]) for r in rows]
-
-
-async def _settle(conn: Any, message_id: str, at: float) -> None:
-    counts = {r[0]: r[1] for r in await conn.fetch(
-        "SELECT state, count(*) FROM recipients WHERE message_id=$1 GROUP BY state", message_id)}
-    await conn.execute("UPDATE messages SET state=$1, lease_until=NULL, updated_at=$2 WHERE id=$3",
-                       message_state(counts), at, message_id)
-
-
-class _Decider:
-    """The policy's reads and writes on one connection (see :meth:`PostgresStore.deciding`)."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def history(self, numbers: Sequence[str], since: float) -> dict[str, NumberHistory]:
-        out = {n: NumberHistory([], False) for n in numbers}
-        for number, at in await self._conn.fetch(
-                "SELECT number, sent_at FROM sends WHERE number = ANY($1::text[]) AND sent_at > $2 "
-                "ORDER BY id", list(numbers), since):
-            out[number].sent_at.append(at)
-        for (number,) in await self._conn.fetch(
-                "SELECT DISTINCT number FROM recipients WHERE state='held' AND number = ANY($1::text[])",
-                list(numbers)):
-            out[number] = NumberHistory(out[number].sent_at, True)
-        return out
-
-    async def held_messages(self, now: float) -> list[MessageRecord]:
-        return await _with_recipients(self._conn, await self._conn.fetch(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE state='held' AND next_attempt_at <= $1 "
-            "AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id=messages.id AND r.state='pending') "
-            "ORDER BY created_at, id", now))
-
-    async def held_numbers(self, now: float) -> dict[str, list[MessageRecord]]:
-        numbers = [r[0] for r in await self._conn.fetch(
-            "SELECT number FROM recipients WHERE state='held' GROUP BY number "
-            "HAVING min(hold_until) <= $1 ORDER BY number", now)]
-        out = {}
-        for number in numbers:
-            out[number] = await _with_recipients(self._conn, await self._conn.fetch(
-                f"SELECT {_COLUMNS_M} FROM recipients r JOIN messages m ON m.id=r.message_id "
-                "WHERE r.number=$1 AND r.state='held' ORDER BY m.created_at, m.id", number))
-        return out
-
-    async def apply(self, c: Changes) -> None:
-        conn, at = self._conn, c.at
-        if c.messages:
-            await _insert(conn, c.messages, [at] * len(c.messages))
-        if c.sends:
-            mids, numbers = [m for m, _ in c.sends], [n for _, n in c.sends]
-            await conn.execute("INSERT INTO sends(number, sent_at) SELECT unnest($1::text[]), $2",
-                               numbers, at)
-            await conn.execute(
-                "UPDATE recipients r SET admitted_at=$1 FROM unnest($2::text[], $3::text[]) AS v(mid, num) "
-                "WHERE r.message_id=v.mid AND r.number=v.num", at, mids, numbers)
-        if c.holds:
-            await conn.execute(
-                "UPDATE recipients r SET state='held', hold_until=v.until, updated_at=$1 "
-                "FROM unnest($2::text[], $3::text[], $4::float8[]) AS v(mid, num, until) "
-                "WHERE r.message_id=v.mid AND r.number=v.num AND r.state IN ('pending','held')",
-                at, [h[0] for h in c.holds], [h[1] for h in c.holds], [h[2] for h in c.holds])
-        for mid in dict.fromkeys(mid for mid, _, _ in c.holds):
-            await conn.execute("UPDATE messages SET hold_reason=$1 WHERE id=$2", c.hold_reason or None, mid)
-            if not await conn.fetchval("SELECT 1 FROM recipients WHERE message_id=$1 AND state='pending' "
-                                       "LIMIT 1", mid):
-                await _settle(conn, mid, at)
-        for f in c.folds:
-            state = "bundled" if f.bundle_id else "collapsed"
-            ids = list(f.message_ids)
-            if f.number is None:
-                await conn.execute("UPDATE recipients SET state=$1, bundle_id=$2, updated_at=$3 "
-                                   "WHERE state='pending' AND message_id = ANY($4::text[])",
-                                   state, f.bundle_id, at, ids)
-                await conn.execute("UPDATE messages SET state=$1, bundle_id=$2, updated_at=$3 "
-                                   "WHERE state='held' AND id = ANY($4::text[])", state, f.bundle_id, at, ids)
-                continue
-            await conn.execute("UPDATE recipients SET state=$1, bundle_id=$2, hold_until=NULL, updated_at=$3 "
-                               "WHERE number=$4 AND state='held' AND message_id = ANY($5::text[])",
-                               state, f.bundle_id, at, f.number, ids)
-            for (mid,) in await conn.fetch("SELECT id FROM messages WHERE state='held' AND id = ANY($1::text[]) "
-                                           "ORDER BY id", ids):
-                await _settle(conn, mid, at)
-
-
 class PostgresStore:
-    def __init__(self, storage: Storage, *, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, storage: Storage, *, pool_size: int = POOL_SIZE,
+                 session: dict[str, str] | None = None) -> None:
         self.storage = storage
+        self._session = {**SESSION, **(session or {})}  # tests shorten the timeouts
         self.broken: str | None = None  # never set: see the module's docstring
+        self.shared = True
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._waiting = 0
         self._errors = 0
         self._taken_over = 0
-        self._claims: dict[str, int] = {}  # message id → its attempts when this replica claimed it
-        self._receive: _Batcher[tuple[Received, str, float], bool] = _Batcher(self._receive_batch)
-        self._finish: _Batcher[Result, MessageState] = _Batcher(self._finish_batch)
-        self._next_compaction = 0.0
+        # message id → (its attempts when this replica claimed it, when): fences late results
+        self._claims: dict[str, tuple[int, float]] = {}
+        self._receive: Batcher[tuple[Received, str, float], bool] = Batcher(self._receive_batch)
+        self._finish: Batcher[Result, MessageState] = Batcher(self._finish_batch)
         self._me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # planning leases
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -257,16 +118,20 @@ class PostgresStore:
         try:
             self._pool = await asyncpg.create_pool(
                 self.storage.url, password=self.storage.password, min_size=1, max_size=self._pool_size,
-                command_timeout=STATEMENT_TIMEOUT, timeout=10,
-                server_settings={"application_name": "sms-receiver"})
+                command_timeout=STATEMENT_TIMEOUT, timeout=10, server_settings=self._session)
             async with self._pool.acquire() as conn:
                 await migrate(conn)
+                # Notifications that could not be planned: a new start (a fixed release) tries again.
+                retried = _count(await conn.execute("UPDATE notifications SET error=NULL, planning_until=NULL "
+                                                    "WHERE error IS NOT NULL"))
+            if retried:
+                log.warning("%d notification(s) that could not be planned before are tried again", retried)
         except SchemaError as exc:
             await self.close()
             raise StoreError(f"cannot use the outbox {where}: {exc}") from None
         except (asyncpg.PostgresError, *_DOWN) as exc:
             await self.close()
-            raise StoreError(f"cannot open the outbox {where}: {_describe(exc)}") from None
+            raise StoreError(f"cannot open the outbox {where}: {self._describe(exc)}") from None
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -279,8 +144,9 @@ class PostgresStore:
     # -- plumbing -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[Any]:
-        """A pooled connection; every database or connection failure as :class:`StoreError`."""
+    async def _conn(self) -> AsyncIterator[_Clean]:
+        """A pooled connection; a failure of the database, the connection or the driver as
+        :class:`StoreError` (and counted)."""
         pool = self._pool
         if pool is None:
             raise StoreError("the outbox is not open")
@@ -291,7 +157,7 @@ class PostgresStore:
             finally:
                 self._waiting -= 1
             try:
-                yield conn
+                yield _Clean(conn)
             finally:
                 try:
                     await pool.release(conn)
@@ -299,7 +165,7 @@ class PostgresStore:
                     pass  # a connection that cannot be reset is closed by the pool, not reused
         except (asyncpg.PostgresError, *_DOWN) as exc:
             self._errors += 1
-            raise StoreError(f"PostgreSQL: {_describe(exc)}") from None
+            raise StoreError(f"PostgreSQL: {self._describe(exc)}") from None
 
     async def _run(self, fn: Callable[[Any], Awaitable[T]], *, transaction: bool = True) -> T:
         async with self._conn() as conn:
@@ -307,6 +173,17 @@ class PostgresStore:
                 return await fn(conn)
             async with conn.transaction():
                 return await fn(conn)
+
+    def _describe(self, exc: BaseException) -> str:
+        """An error's message for logs and answers: never the password, should a driver's
+        message quote the URL or a part of it."""
+        text = str(exc) or type(exc).__name__
+        if not isinstance(exc, asyncpg.PostgresError):
+            text = f"{type(exc).__name__}: {text}"
+        for secret in (self.storage.password, urlsplit(self.storage.url).password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def trouble(self) -> str | None:
         return None  # a restart does not bring a database back; readiness shows it is down
@@ -355,7 +232,7 @@ class PostgresStore:
         return [i == first[k] and k in fresh for i, (_, k, _) in enumerate(items)]
 
     async def accept(self, messages: Sequence[NewMessage], now: float) -> None:
-        await self._run(lambda conn: _insert(conn, messages, [now] * len(messages)))
+        await self._run(lambda conn: insert(conn, messages, [now] * len(messages)))
 
     async def unplanned(self, limit: int) -> list[Received]:
         rows = await self._run(lambda conn: conn.fetch(
@@ -395,7 +272,7 @@ class PostgresStore:
         gone = {r[0] for r in await conn.fetch("DELETE FROM notifications WHERE id = ANY($1::text[]) "
                                                "RETURNING id", [p.notification_id for p in plans])}
         plans = [p for p in plans if p.notification_id in gone]
-        await _insert(conn, [m for p in plans for m in p.messages],
+        await insert(conn, [m for p in plans for m in p.messages],
                       [p.received_at for p in plans for _ in p.messages])
 
     async def received(self, notification_id: str) -> Received | None:
@@ -416,7 +293,7 @@ class PostgresStore:
                 "attempts=m.attempts+1, updated_at=$1 WHERE id IN (SELECT id FROM messages "
                 "WHERE state='pending' AND next_attempt_at <= $1 AND NOT id = ANY($4::text[]) "
                 "ORDER BY priority, next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) "
-                f"RETURNING {_COLUMNS_M}", now, limit, float(lease), skip))
+                f"RETURNING {COLUMNS_M}", now, limit, float(lease), skip))
             taken = 0
             if len(rows) < limit:  # leases that ran out: a replica died or lost its database
                 more = await conn.fetch(
@@ -424,19 +301,21 @@ class PostgresStore:
                     "attempts=m.attempts+1, updated_at=$1 WHERE id IN (SELECT id FROM messages "
                     "WHERE state='sending' AND lease_until <= $1 AND NOT id = ANY($4::text[]) "
                     "ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED) "
-                    f"RETURNING {_COLUMNS_M}", now, limit - len(rows), float(lease), skip)
+                    f"RETURNING {COLUMNS_M}", now, limit - len(rows), float(lease), skip)
                 taken = len(more)
                 rows += more
             rows.sort(key=lambda r: (r[14], r[12]))  # priority, next_attempt_at
-            return await _with_recipients(conn, rows), taken
+            return await with_recipients(conn, rows), taken
 
         claimed, taken = await self._run(run)
+        since = time.monotonic() - 10 * lease  # claims never finished (held whole, a failed gate)
+        self._claims = {k: v for k, v in self._claims.items() if v[1] > since}
         if taken:
             self._taken_over += taken
             log.warning("took over %d message(s) whose claim ran out (a replica died or lost the "
                         "database): sent again (see Delivery guarantees)", taken)
         for m in claimed:
-            self._claims[m.id] = m.attempts
+            self._claims[m.id] = (m.attempts, time.monotonic())
         return claimed
 
     async def finish(self, result: Result) -> MessageState:
@@ -454,8 +333,8 @@ class PostgresStore:
                 attempts, state = current.get(r.message_id, (None, None))
                 if state is None:
                     states[i] = "pending"  # pruned or never there: nothing to record
-                elif attempts != self._claims.get(r.message_id, attempts):  # claimed again since
-                    states[i] = await self._fenced(conn, r, state)
+                elif attempts != self._claims.get(r.message_id, (attempts, 0.0))[0]:  # claimed again since
+                    states[i] = await fenced(conn, r, state)
                 else:
                     owned.append((i, r))
             rounds: list[list[tuple[int, Result]]] = []  # a message at most once per round, in order
@@ -465,7 +344,7 @@ class PostgresStore:
                     rounds.append([])
                 rounds[n].append((i, r))
             for rd in rounds:
-                states.update(zip([i for i, _ in rd], await self._record(conn, [r for _, r in rd]), strict=True))
+                states.update(zip([i for i, _ in rd], await record_results(conn, [r for _, r in rd]), strict=True))
             return [states[i] for i in range(len(results))]
 
         states = await self._run(run)
@@ -473,63 +352,6 @@ class PostgresStore:
             self._claims.pop(r.message_id, None)
         return states
 
-    @staticmethod
-    async def _fenced(conn: Any, r: Result, state: MessageState) -> MessageState:
-        """Another claim owns the message now: only what its recipients became is recorded."""
-        log.warning("message %s was claimed again while this replica sent it (its lease ran out): "
-                    "recording what its recipients became, not its state", r.message_id)
-        for u in r.updates:
-            await conn.execute(
-                "UPDATE recipients SET state=$1, api_message_id=COALESCE($2, api_message_id), error_code=$3, "
-                "error=$4, updated_at=$5 WHERE message_id=$6 AND number=$7 AND state='pending'",
-                u.state, u.api_message_id, u.error_code, u.error, r.at, r.message_id, u.number)
-        return state
-
-    @staticmethod
-    async def _record(conn: Any, results: Sequence[Result]) -> list[MessageState]:
-        """Results of distinct messages, a few statements for all of them (as sql.finish)."""
-        ups = [(r.message_id, u, r.at) for r in results for u in r.updates]
-        if ups:
-            await conn.execute(
-                "UPDATE recipients AS t SET state=v.state, api_message_id=COALESCE(v.api, t.api_message_id), "
-                "error_code=v.code, error=v.error, updated_at=v.at FROM unnest($1::text[], $2::text[], "
-                "$3::text[], $4::text[], $5::text[], $6::text[], $7::float8[]) "
-                "AS v(mid, number, state, api, code, error, at) WHERE t.message_id=v.mid AND t.number=v.number",
-                [m for m, _, _ in ups], [u.number for _, u, _ in ups], [u.state for _, u, _ in ups],
-                [u.api_message_id for _, u, _ in ups], [u.error_code for _, u, _ in ups],
-                [u.error for _, u, _ in ups], [at for _, _, at in ups])
-        dead = [r for r in results if r.dead]
-        if dead:
-            await conn.execute(
-                "UPDATE recipients AS t SET state='failed', error=v.error, updated_at=v.at FROM "
-                "unnest($1::text[], $2::text[], $3::float8[]) AS v(mid, error, at) "
-                "WHERE t.message_id=v.mid AND t.state='pending'",
-                [r.message_id for r in dead], [r.last_error for r in dead], [r.at for r in dead])
-        retried = [r.message_id for r in results if r.retry_at is not None]
-        if retried:  # what did not go out gives its place in the throttle's history back
-            for number, at in await conn.fetch(
-                    "UPDATE recipients AS t SET admitted_at=NULL FROM recipients AS o WHERE "
-                    "t.message_id = ANY($1::text[]) AND t.state='pending' AND t.admitted_at IS NOT NULL "
-                    "AND o.message_id=t.message_id AND o.number=t.number RETURNING t.number, o.admitted_at",
-                    retried):
-                await conn.execute("DELETE FROM sends WHERE id=(SELECT id FROM sends WHERE number=$1 "
-                                   "AND sent_at=$2 LIMIT 1)", number, at)
-        counts: dict[str, dict[str, int]] = {r.message_id: {} for r in results}
-        for mid, state, n in await conn.fetch(
-                "SELECT message_id, state, count(*) FROM recipients WHERE message_id = ANY($1::text[]) "
-                "GROUP BY message_id, state", list(counts)):
-            counts[mid][state] = n
-        states = [message_state(counts[r.message_id], r.dead) for r in results]
-        await conn.execute(
-            "UPDATE messages AS m SET state=v.state, next_attempt_at=v.next, lease_until=NULL, last_error=v.error, "
-            "updated_at=v.at, accepted_at=COALESCE(m.accepted_at, v.accepted) FROM unnest($1::text[], "
-            "$2::text[], $3::float8[], $4::text[], $5::float8[], $6::float8[]) "
-            "AS v(id, state, next, error, at, accepted) WHERE m.id=v.id",
-            [r.message_id for r in results], states,
-            [r.retry_at if st == "pending" and r.retry_at is not None else r.at for r, st in zip(results, states)],
-            [r.last_error for r in results], [r.at for r in results],
-            [r.at if any(u.state == "accepted" for u in r.updates) else None for r in results])
-        return states
 
     async def retry_now(self, now: float) -> int:
         status = await self._run(lambda conn: conn.execute(
@@ -539,25 +361,25 @@ class PostgresStore:
     # -- holds -----------------------------------------------------------------------------------
 
     async def history(self, numbers: Sequence[str], since: float) -> dict[str, NumberHistory]:
-        return await self._run(lambda conn: _Decider(conn).history(numbers, since), transaction=False)
+        return await self._run(lambda conn: Decider(conn).history(numbers, since), transaction=False)
 
     async def held_messages(self, now: float) -> list[MessageRecord]:
-        return await self._run(lambda conn: _Decider(conn).held_messages(now))
+        return await self._run(lambda conn: Decider(conn).held_messages(now))
 
     async def held_numbers(self, now: float) -> dict[str, list[MessageRecord]]:
-        return await self._run(lambda conn: _Decider(conn).held_numbers(now))
+        return await self._run(lambda conn: Decider(conn).held_numbers(now))
 
     async def apply(self, changes: Changes) -> None:
-        await self._run(lambda conn: _Decider(conn).apply(changes))
+        await self._run(lambda conn: Decider(conn).apply(changes))
 
     @asynccontextmanager
-    async def deciding(self) -> AsyncIterator[_Decider]:
+    async def deciding(self) -> AsyncIterator[Decider]:
         """One transaction holding the policy lock: one decider at a time across replicas; a
         failure anywhere inside rolls all of it back."""
         async with self._conn() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", POLICY_LOCK)
-                yield _Decider(conn)
+                yield Decider(conn)
 
     # -- reporting and housekeeping --------------------------------------------------------------
 
@@ -586,7 +408,7 @@ class PostgresStore:
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         async def run(conn: Any) -> list[MessageRecord]:
-            return await _with_recipients(conn, await conn.fetch(
+            return await with_recipients(conn, await conn.fetch(
                 f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id=$1", message_id))
 
         found = await self._run(run)
@@ -613,18 +435,13 @@ class PostgresStore:
         sql += f" ORDER BY created_at DESC, id DESC LIMIT {arg(query.limit)}"
 
         async def run(conn: Any) -> list[MessageRecord]:
-            return await _with_recipients(conn, await conn.fetch(sql, *args))
+            return await with_recipients(conn, await conn.fetch(sql, *args))
 
         return await self._run(run)
 
     async def stats(self) -> OutboxStats:
-        compact = time.monotonic() >= self._next_compaction
-
         async def run(conn: Any) -> OutboxStats:
-            if compact:  # the counts' rows summed into one per state (see postgres_schema)
-                await conn.execute(
-                    "WITH gone AS (DELETE FROM message_counts RETURNING state, n) "
-                    "INSERT INTO message_counts(state, n) SELECT state, sum(n) FROM gone GROUP BY state")
+            await _compact_counts(conn)
             by_state = {r[0]: int(r[1]) for r in await conn.fetch(
                 "SELECT state, sum(n) FROM message_counts GROUP BY state")}
             oldest = await conn.fetchval("SELECT min(created_at) FROM messages WHERE state IN ('pending','sending')")
@@ -638,10 +455,7 @@ class PostgresStore:
                                oldest_pending_created_at=oldest, by_state=by_state, held_recipients=held,
                                unplanned=waiting - failed, unplanned_failed=failed)
 
-        stats = await self._run(run)
-        if compact:
-            self._next_compaction = time.monotonic() + 10.0
-        return stats
+        return await self._run(run)
 
     async def prune(self, before: float, keys_before: float, sends_before: float,
                     limit: int = 10_000) -> int:
@@ -659,9 +473,21 @@ class PostgresStore:
             n += _count(await conn.execute("DELETE FROM sends WHERE id IN (SELECT id FROM sends "
                                            "WHERE sent_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
                                            sends_before, limit))
+            while await _compact_counts(conn) == COUNTS_CHUNK:
+                pass
             return n
 
         return await self._run(run)
+
+
+async def _compact_counts(conn: Any) -> int:
+    """Sum the oldest rows of ``message_counts`` into one per state (see postgres_schema):
+    a bounded statement, however long nobody scraped. Returns how many rows it summed."""
+    return int(await conn.fetchval(
+        "WITH gone AS (DELETE FROM message_counts WHERE id IN (SELECT id FROM message_counts "
+        "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING state, n), "
+        "summed AS (INSERT INTO message_counts(state, n) SELECT state, sum(n) FROM gone GROUP BY state) "
+        "SELECT count(*) FROM gone", COUNTS_CHUNK))
 
 
 def _count(status: str) -> int:
@@ -669,7 +495,38 @@ def _count(status: str) -> int:
     return int(status.split()[-1])
 
 
-def _describe(exc: BaseException) -> str:
-    """An error's message, without anything of the URL's password (asyncpg never puts it in)."""
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, asyncpg.PostgresError) else text
+
+
+def _clean(value: Any) -> Any:
+    """PostgreSQL's text cannot hold NUL (SQLite's can): it becomes U+FFFD, so a label, an error
+    or a template output that carries one is stored rather than refused."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class _Clean:
+    """An asyncpg connection whose text arguments never carry NUL (see :func:`_clean`)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def transaction(self) -> Any:
+        return self._conn.transaction()
+
+    async def execute(self, query: str, *args: Any, **kw: Any) -> str:
+        return await self._conn.execute(query, *map(_clean, args), **kw)
+
+    async def executemany(self, query: str, rows: Any, **kw: Any) -> None:
+        await self._conn.executemany(query, [tuple(map(_clean, r)) for r in rows], **kw)
+
+    async def fetch(self, query: str, *args: Any, **kw: Any) -> list[Any]:
+        return await self._conn.fetch(query, *map(_clean, args), **kw)
+
+    async def fetchrow(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self._conn.fetchrow(query, *map(_clean, args), **kw)
+
+    async def fetchval(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self._conn.fetchval(query, *map(_clean, args), **kw)

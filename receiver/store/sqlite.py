@@ -104,6 +104,7 @@ class SQLiteStore:
     def __init__(self, path: str, *, on_broken: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.broken: str | None = None
+        self.shared = False  # one process owns the file (its lock)
         self._on_broken_cb = on_broken
         self._lock_fd: int | None = None
         self._w = Writer("sqlite-writer", self._on_broken, self._committed)
