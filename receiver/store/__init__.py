@@ -283,8 +283,10 @@ class Store(Decisions, Protocol):
 
     def deciding(self) -> AbstractAsyncContextManager[Decisions]:
         """Exclusive access to the policy's state: one decider at a time across every process
-        on this store. Raises :class:`StoreError` (on entry or exit) when the store cannot be
-        used; then nothing of what was applied inside is stored."""
+        on this store. Raises :class:`StoreError` (on entry, inside or on exit) when the store
+        cannot be used. PostgreSQL: everything inside is one transaction, stored whole or not at
+        all. SQLite: each :meth:`Decisions.apply` is a transaction of its own (one process, one
+        decider: a failure leaves what it decided before, all of it true)."""
 
     def usage(self) -> StoreUsage: ...
 
