@@ -95,6 +95,17 @@ def sms_per_alert(fake: Fake) -> Counter[tuple[str, str]]:
     return out
 
 
+async def until_paged(fake: Fake, names: list[str], timeout: float) -> set[tuple[str, str]]:
+    """Wait until every alert of ``names`` reached both members; those (alert, member) pairs."""
+    expected = {(n, to) for n in names for to in DB_MEMBERS}
+
+    async def all_delivered() -> bool:
+        return set(sms_per_alert(fake)) >= expected
+
+    await eventually(all_delivered, timeout=timeout)
+    return expected
+
+
 # ---------------------------------------------------------------------------------------------
 # A real Alertmanager HA pair in front
 
@@ -147,12 +158,7 @@ async def fire(http: aiohttp.ClientSession, ams: list[str], names: list[str]) ->
 async def test_an_ha_pair_and_two_replicas_page_each_alert_once(ha_pair, replicas: Replicas, fake: Fake, http):
     names = [f"Rep{i:03d}" for i in range(200)]
     await fire(http, ha_pair, names)
-    expected = {(n, to) for n in names for to in DB_MEMBERS}
-
-    async def all_delivered() -> bool:
-        return set(sms_per_alert(fake)) >= expected
-
-    await eventually(all_delivered, timeout=90)
+    expected = await until_paged(fake, names, timeout=90)
     await until_idle(replicas, fake)
     counts = sms_per_alert(fake)
     assert set(counts) == expected and set(counts.values()) == {1}, Counter(counts.values())
@@ -187,12 +193,7 @@ async def test_a_replica_killed_mid_send_is_taken_over(ha_pair, replicas: Replic
     await eventually(half, timeout=90)
     victim, survivor = replicas.rx
     victim.kill9()
-    expected = {(n, to) for n in names for to in DB_MEMBERS}
-
-    async def all_delivered() -> bool:
-        return set(sms_per_alert(fake)) >= expected
-
-    await eventually(all_delivered, timeout=120)
+    expected = await until_paged(fake, names, timeout=120)
     await until_idle(replicas, fake)
     counts = sms_per_alert(fake)
     twice = [k for k, n in counts.items() if n > 1]
