@@ -58,7 +58,10 @@ from receiver.store.batch import Batcher
 from receiver.store.postgres_schema import POLICY_LOCK, SchemaError, migrate
 from receiver.store.postgres_sql import (
     COLUMNS_M,
+    COUNTS_CHUNK,
+    Clean,
     Decider,
+    compact_counts,
     fenced,
     insert,
     record_results,
@@ -72,7 +75,6 @@ T = TypeVar("T")
 POOL_SIZE = 10
 STATEMENT_TIMEOUT = 30.0  # seconds: no statement waits longer (a lost connection, a lock)
 PLANNING_LEASE = 60  # seconds a replica has to plan the notifications it took
-COUNTS_CHUNK = 10_000  # message_counts rows summed per statement
 # Set on every connection, over anything the URL or the role says: the guarantees depend on them.
 SESSION = {
     "application_name": "sms-receiver",
@@ -144,7 +146,7 @@ class PostgresStore:
     # -- plumbing -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[_Clean]:
+    async def _conn(self) -> AsyncIterator[Clean]:
         """A pooled connection; a failure of the database, the connection or the driver as
         :class:`StoreError` (and counted)."""
         pool = self._pool
@@ -157,7 +159,7 @@ class PostgresStore:
             finally:
                 self._waiting -= 1
             try:
-                yield _Clean(conn)
+                yield Clean(conn)
             finally:
                 try:
                     await pool.release(conn)
@@ -441,7 +443,7 @@ class PostgresStore:
 
     async def stats(self) -> OutboxStats:
         async def run(conn: Any) -> OutboxStats:
-            await _compact_counts(conn)
+            await compact_counts(conn)
             by_state = {r[0]: int(r[1]) for r in await conn.fetch(
                 "SELECT state, sum(n) FROM message_counts GROUP BY state")}
             oldest = await conn.fetchval("SELECT min(created_at) FROM messages WHERE state IN ('pending','sending')")
@@ -473,60 +475,13 @@ class PostgresStore:
             n += _count(await conn.execute("DELETE FROM sends WHERE id IN (SELECT id FROM sends "
                                            "WHERE sent_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
                                            sends_before, limit))
-            while await _compact_counts(conn) == COUNTS_CHUNK:
+            while await compact_counts(conn) == COUNTS_CHUNK:
                 pass
             return n
 
         return await self._run(run)
 
 
-async def _compact_counts(conn: Any) -> int:
-    """Sum the oldest rows of ``message_counts`` into one per state (see postgres_schema):
-    a bounded statement, however long nobody scraped. Returns how many rows it summed."""
-    return int(await conn.fetchval(
-        "WITH gone AS (DELETE FROM message_counts WHERE id IN (SELECT id FROM message_counts "
-        "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING state, n), "
-        "summed AS (INSERT INTO message_counts(state, n) SELECT state, sum(n) FROM gone GROUP BY state) "
-        "SELECT count(*) FROM gone", COUNTS_CHUNK))
-
-
 def _count(status: str) -> int:
     """The row count of an asyncpg command status (``DELETE 12``)."""
     return int(status.split()[-1])
-
-
-
-
-def _clean(value: Any) -> Any:
-    """PostgreSQL's text cannot hold NUL (SQLite's can): it becomes U+FFFD, so a label, an error
-    or a template output that carries one is stored rather than refused."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd") if "\x00" in value else value
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-class _Clean:
-    """An asyncpg connection whose text arguments never carry NUL (see :func:`_clean`)."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    def transaction(self) -> Any:
-        return self._conn.transaction()
-
-    async def execute(self, query: str, *args: Any, **kw: Any) -> str:
-        return await self._conn.execute(query, *map(_clean, args), **kw)
-
-    async def executemany(self, query: str, rows: Any, **kw: Any) -> None:
-        await self._conn.executemany(query, [tuple(map(_clean, r)) for r in rows], **kw)
-
-    async def fetch(self, query: str, *args: Any, **kw: Any) -> list[Any]:
-        return await self._conn.fetch(query, *map(_clean, args), **kw)
-
-    async def fetchrow(self, query: str, *args: Any, **kw: Any) -> Any:
-        return await self._conn.fetchrow(query, *map(_clean, args), **kw)
-
-    async def fetchval(self, query: str, *args: Any, **kw: Any) -> Any:
-        return await self._conn.fetchval(query, *map(_clean, args), **kw)

@@ -19,6 +19,7 @@ from receiver.store import Changes, MessageRecord, NumberHistory, RecipientRecor
 from receiver.store.sql import MESSAGE_COLUMNS, RECIPIENT_COLUMNS, record
 
 log = logging.getLogger("sms_receiver.store")
+COUNTS_CHUNK = 10_000  # message_counts rows summed per statement
 
 
 def message_rows(messages: Sequence[NewMessage], times: Sequence[float]) -> list[list[Any]]:
@@ -213,3 +214,48 @@ async def record_results(conn: Any, results: Sequence[Result]) -> list[MessageSt
         [r.last_error for r in results], [r.at for r in results],
         [r.at if any(u.state == "accepted" for u in r.updates) else None for r in results])
     return states
+
+
+async def compact_counts(conn: Any) -> int:
+    """Sum the oldest rows of ``message_counts`` into one per state (see postgres_schema):
+    a bounded statement, however long nobody scraped. Returns how many rows it summed."""
+    return int(await conn.fetchval(
+        "WITH gone AS (DELETE FROM message_counts WHERE id IN (SELECT id FROM message_counts "
+        "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING state, n), "
+        "summed AS (INSERT INTO message_counts(state, n) SELECT state, sum(n) FROM gone GROUP BY state) "
+        "SELECT count(*) FROM gone", COUNTS_CHUNK))
+
+
+def _clean(value: Any) -> Any:
+    """PostgreSQL's text cannot hold NUL (SQLite's can): it becomes U+FFFD, so a label, an error
+    or a template output that carries one is stored rather than refused."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class Clean:
+    """An asyncpg connection whose text arguments never carry NUL (see :func:`_clean`)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def transaction(self) -> Any:
+        return self._conn.transaction()
+
+    async def execute(self, query: str, *args: Any, **kw: Any) -> str:
+        return await self._conn.execute(query, *map(_clean, args), **kw)
+
+    async def executemany(self, query: str, rows: Any, **kw: Any) -> None:
+        await self._conn.executemany(query, [tuple(map(_clean, r)) for r in rows], **kw)
+
+    async def fetch(self, query: str, *args: Any, **kw: Any) -> list[Any]:
+        return await self._conn.fetch(query, *map(_clean, args), **kw)
+
+    async def fetchrow(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self._conn.fetchrow(query, *map(_clean, args), **kw)
+
+    async def fetchval(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self._conn.fetchval(query, *map(_clean, args), **kw)
