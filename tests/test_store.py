@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+import contextlib
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from receiver.store import (
     StoreError,
 )
 from receiver.config import Storage
+from receiver.store.postgres import POOL_SIZE as POOL
 from receiver.store.postgres import PostgresStore
 from receiver.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
 from receiver.store.schema import MIGRATIONS, SchemaError, migrate
@@ -677,3 +679,26 @@ async def test_notifications_that_could_not_be_planned_are_tried_again_at_start(
         assert await s.unplanned(10) == []
     async with opened_pg(pg_url) as s:  # a new release started
         assert [n.id for n in await s.unplanned(10)] == ["n1"]
+
+
+async def test_a_database_made_writable_again_is_written_at_once(pg_url, pg_server):
+    """Sessions keep the read-only default they started with (a standby promoted, a database
+    set read-only and back): one that meets it is dropped, and the next write works."""
+    db = pg_url.rsplit("/", 1)[1]
+    async with opened_pg(pg_url) as s:
+        pg_server.psql(f"ALTER DATABASE {db} SET default_transaction_read_only = on")
+        pg_server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'")
+        errors = []
+        while not any("read-only" in e for e in errors):  # the terminated session first, then
+            with pytest.raises(StoreError) as info:       # a new one, read-only
+                await s.ping()
+            errors.append(str(info.value))
+            assert len(errors) <= POOL + 1, errors
+        pg_server.psql(f"ALTER DATABASE {db} SET default_transaction_read_only = off")
+        for _ in range(POOL):  # each read-only session left in the pool is dropped when met
+            with contextlib.suppress(StoreError):
+                await s.ping()
+                break
+        else:
+            raise AssertionError("still read-only: the pool kept the sessions that were")
+        assert await s.receive(Received("n1", 1000.0, "alertmanager", b"{}"), key(1), 60.0)

@@ -160,6 +160,11 @@ class PostgresStore:
                 self._waiting -= 1
             try:
                 yield Clean(conn)
+            except asyncpg.ReadOnlySQLTransactionError:
+                # A standby after a failover, or a database set read-only: the session keeps
+                # what it started with, so it is dropped and the next one starts afresh
+                conn.terminate()
+                raise
             finally:
                 try:
                     await pool.release(conn)
