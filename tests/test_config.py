@@ -165,6 +165,12 @@ def test_postgresql_storage_and_its_password(tmp_path: Path):
         (err,) = errors_of(f"storage: {url!r}\n")
         assert "postgresql://sms:***@db" in err and "s3cr" not in err and "a/b" not in err, err
     assert make_config(storage="postgresql://h1:5432,h2:5433/sms").storage.kind == "postgresql"
+    # the SSL key's passphrase is the driver's: passed through, never shown
+    ssl = make_config(storage="postgresql://db/sms?sslmode=require&sslpassword=LEAKssl").storage
+    assert "LEAKssl" not in str(ssl) and "sslpassword=***" in str(ssl)
+    for key in ("password", "PassWord"):
+        (err,) = errors_of(f"storage: 'postgresql://db/sms?{key}=LEAKpw'\n")
+        assert "a password in the query" in err and "LEAKpw" not in err, err
 
 
 def test_with_replicas_a_lease_must_outlast_one_messages_sends():

@@ -702,3 +702,12 @@ async def test_a_database_made_writable_again_is_written_at_once(pg_url, pg_serv
         else:
             raise AssertionError("still read-only: the pool kept the sessions that were")
         assert await s.receive(Received("n1", 1000.0, "alertmanager", b"{}"), key(1), 60.0)
+
+
+async def test_a_dead_replicas_critical_page_goes_before_a_storm_of_warnings(replicas):
+    a, b = replicas
+    await a.accept([msg("crit", priority=0)], 1000.0)
+    assert [m.id for m in await a.claim(1000.0, 1, lease=30.0)] == ["crit"]  # then a dies
+    await b.accept([msg(f"w{i:02d}", priority=1) for i in range(20)], 1010.0)
+    assert [m.id for m in await b.claim(1030.0, 1, 30.0)] == ["crit"]  # its lease ran out: first
+    assert b.usage().claims_taken_over == 1

@@ -110,11 +110,15 @@ def redact(url: str) -> str:
     """``url`` with the password of its user part masked, however it is written (a ``#``, ``/``
     or ``?`` left unencoded in it included): everything between the first ``:`` after the
     scheme and the last ``@`` of the URL."""
+    url = _SECRET_PARAM.sub(r"\1***", url)  # ?password=, ?sslpassword= (any case)
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if not sep or not at or ":" not in userinfo:
         return url
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+_SECRET_PARAM = re.compile(r"([?&][^=&#]*password=)[^&#]*", re.IGNORECASE)
 # Query parameters of a postgresql:// URL asyncpg understands (anything else is a server setting,
 # which is allowed too, but these are checked).
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -138,7 +142,7 @@ def _postgresql(url: str, password: str | None) -> Storage:
     for key, values in query.items():
         if len(values) > 1:
             raise ValueError(f"{str(Storage(url))!r}: {key} is given {len(values)} times")
-    if "password" in query:
+    if any(k.lower() == "password" for k in query):
         raise ValueError(f"{str(Storage(url))!r}: a password in the query would be shown wherever the "
                          "URL is; give it as user:password@ in the URL, or as storage.password_file")
     mode = query.get("sslmode", ["prefer"])[0]

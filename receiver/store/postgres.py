@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -74,7 +74,8 @@ T = TypeVar("T")
 
 POOL_SIZE = 10
 STATEMENT_TIMEOUT = 30.0  # seconds: no statement waits longer (a lost connection, a lock)
-PLANNING_LEASE = 60  # seconds a replica has to plan the notifications it took
+PLANNING_LEASE = 10  # seconds a replica has to plan what it took (milliseconds of work); after
+# that (it died) another plans them: a page answered 2xx waits at most this for a dead planner
 # Set on every connection, over anything the URL or the role says: the guarantees depend on them.
 SESSION = {
     "application_name": "sms-receiver",
@@ -118,8 +119,9 @@ class PostgresStore:
     async def open(self) -> None:
         where = str(self.storage)
         try:
+            # min_size 0: no floor for the pool to restore (and log a traceback for) while it is down
             self._pool = await asyncpg.create_pool(
-                self.storage.url, password=self.storage.password, min_size=1, max_size=self._pool_size,
+                self.storage.url, password=self.storage.password, min_size=0, max_size=self._pool_size,
                 command_timeout=STATEMENT_TIMEOUT, timeout=10, server_settings=self._session)
             async with self._pool.acquire() as conn:
                 await migrate(conn)
@@ -187,7 +189,9 @@ class PostgresStore:
         text = str(exc) or type(exc).__name__
         if not isinstance(exc, asyncpg.PostgresError):
             text = f"{type(exc).__name__}: {text}"
-        for secret in (self.storage.password, urlsplit(self.storage.url).password):
+        parts = urlsplit(self.storage.url)
+        query = [v for k, vs in parse_qs(parts.query).items() if "password" in k.lower() for v in vs]
+        for secret in (self.storage.password, parts.password, *query):
             if secret:
                 text = text.replace(secret, "***")
         return text
@@ -295,24 +299,18 @@ class PostgresStore:
         skip = list(exclude)
 
         async def run(conn: Any) -> tuple[list[MessageRecord], int]:
+            # Due messages and those whose claim ran out (a replica died or lost the database)
+            # in one order: a critical page a dead replica held goes before a storm of warnings
             rows = list(await conn.fetch(
-                f"UPDATE messages m SET state='sending', lease_until=$1::float8 + $3, "
-                "attempts=m.attempts+1, updated_at=$1 WHERE id IN (SELECT id FROM messages "
-                "WHERE state='pending' AND next_attempt_at <= $1 AND NOT id = ANY($4::text[]) "
+                "WITH due AS (SELECT id, state AS was FROM messages WHERE ((state='pending' AND "
+                "next_attempt_at <= $1) OR (state='sending' AND lease_until <= $1)) AND NOT id = ANY($4::text[]) "
                 "ORDER BY priority, next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) "
-                f"RETURNING {COLUMNS_M}", now, limit, float(lease), skip))
-            taken = 0
-            if len(rows) < limit:  # leases that ran out: a replica died or lost its database
-                more = await conn.fetch(
-                    f"UPDATE messages m SET state='sending', lease_until=$1::float8 + $3, "
-                    "attempts=m.attempts+1, updated_at=$1 WHERE id IN (SELECT id FROM messages "
-                    "WHERE state='sending' AND lease_until <= $1 AND NOT id = ANY($4::text[]) "
-                    "ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED) "
-                    f"RETURNING {COLUMNS_M}", now, limit - len(rows), float(lease), skip)
-                taken = len(more)
-                rows += more
+                "UPDATE messages m SET state='sending', lease_until=$1::float8 + $3, attempts=m.attempts+1, "
+                f"updated_at=$1 FROM due WHERE m.id=due.id RETURNING {COLUMNS_M}, due.was",
+                now, limit, float(lease), skip))
+            taken = sum(r[-1] == "sending" for r in rows)
             rows.sort(key=lambda r: (r[14], r[12]))  # priority, next_attempt_at
-            return await with_recipients(conn, rows), taken
+            return await with_recipients(conn, [tuple(r)[:-1] for r in rows]), taken
 
         claimed, taken = await self._run(run)
         since = time.monotonic() - 10 * lease  # claims never finished (held whole, a failed gate)
