@@ -16,7 +16,7 @@ from typing import Any
 from receiver import gc_tuning
 from receiver.clickatell import ClickatellClient, ClickatellError
 from receiver.clock import Clock, SystemClock
-from receiver.config import Config, ConfigError, config_warnings, load_config
+from receiver.config import Config, ConfigError, config_warnings, lease_problem, load_config
 from receiver.dispatch import Dispatcher
 from receiver.metrics import Metrics
 from receiver.pipeline import Snapshot
@@ -234,6 +234,11 @@ class Receiver:
                           "\n  ".join(exc.errors))
                 return exc.errors
             old = self.config
+            problem = lease_problem(new, old.storage.kind)  # the storage it runs on, not the file's
+            if problem:
+                self._reloaded(False)
+                log.error("config reload failed, keeping the running config:\n  %s", problem)
+                return [problem]
             for key in ("listen", "storage"):
                 if getattr(new, key) != getattr(old, key):
                     log.warning("config reload: %s changed; it takes effect after a restart", key)

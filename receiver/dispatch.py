@@ -254,6 +254,9 @@ class Dispatcher:
                     # would send these too: they wait for the next claim instead
                     attempt.merge(SendOutcome(Kind.TRANSIENT, (), None, client.api, 0.0, None,
                                               "the claim's lease runs out before a request could end"))
+                    log.warning("message %s not sent now: its claim (dispatch.lease) would run out before "
+                                "a request could end (clickatell.timeout); tried again at its next claim",
+                                message.id)
                     break
                 outcome = await self._request(client, key, chunk, message.text, message.id,
                                               cfg.clickatell.from_)

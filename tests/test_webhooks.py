@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import API_KEY, eventually, planned
@@ -329,3 +330,19 @@ async def test_the_planner_yields_to_answers_but_never_stops(start_receiver, fak
         await eventually(sent)
     finally:
         rx.receiver.answering -= 1
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_reload_checks_the_lease_against_the_storage_it_runs_on(start_receiver, http, tmp_path: Path):
+    """A file naming other storage (taken at the next restart) must not let a lease too short
+    for the running replicas through: they would never start a send."""
+    rx = await start_receiver()
+    path = tmp_path / "config.yaml"
+    rx.receiver.config_path = path
+    path.write_text(yaml.safe_dump({**BASE, "storage": f"sqlite://{tmp_path}/other.db",
+                                    "dispatch": {"lease": "1s"}, "clickatell": {"timeout": "10s"}}))
+    async with http.post(f"{rx.url}/-/reload") as r:
+        assert r.status == 400
+        (error,) = (await r.json())["errors"]
+    assert error.startswith("dispatch.lease: 1s is not longer")
+    assert rx.receiver.config.dispatch.lease != 1.0

@@ -87,6 +87,25 @@ def _format_pydantic(exc: ValidationError) -> list[str]:
     return lines
 
 
+def lease_problem(cfg: Config, storage_kind: str) -> str | None:
+    """Why ``dispatch.lease`` is too short for a shared (postgresql) outbox, if it is. A reload
+    checks it against the storage the process runs on, not the file's (a storage change waits
+    for a restart)."""
+    if storage_kind != "postgresql":
+        return None
+    # Another replica takes a claim over once its lease runs out, and a request that could end
+    # after it is not started: the lease must outlast the sends of one message.
+    most = max((len(g.members) for g in cfg.groups), default=1)
+    requests = -(-most // cfg.dispatch.batch_size)
+    needed = cfg.clickatell.timeout * requests
+    if cfg.dispatch.lease > needed:
+        return None
+    return (f"dispatch.lease: {format_duration(cfg.dispatch.lease)} is not longer than one message's "
+            f"sends can take ({requests} request(s) × clickatell.timeout "
+            f"{format_duration(cfg.clickatell.timeout)}); with postgresql storage another replica "
+            f"would send it again: make it more than {format_duration(needed)}")
+
+
 def _cross_check(cfg: Config) -> list[str]:
     """Checks that span sections: references between ids, levels and templates."""
     errors: list[str] = []
@@ -145,19 +164,9 @@ def _cross_check(cfg: Config) -> list[str]:
         problem = template_error(source)
         if problem:
             errors.append(f"templates.{name}: {problem}")
-    if cfg.storage.kind == "postgresql":
-        # Another replica takes a claim over once its lease runs out: a lease shorter than the
-        # sends of one message would have a live replica's page sent twice.
-        most = max((len(g.members) for g in cfg.groups), default=1)
-        requests = -(-most // cfg.dispatch.batch_size)
-        needed = cfg.clickatell.timeout * requests
-        if cfg.dispatch.lease <= needed:
-            errors.append(
-                f"dispatch.lease: {format_duration(cfg.dispatch.lease)} is not longer than one message's "
-                f"sends can take ({requests} request(s) × clickatell.timeout "
-                f"{format_duration(cfg.clickatell.timeout)}); with postgresql storage another replica "
-                f"would send it again: make it more than {format_duration(needed)}"
-            )
+    problem = lease_problem(cfg, cfg.storage.kind)
+    if problem:
+        errors.append(problem)
     return errors
 
 
