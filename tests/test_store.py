@@ -711,3 +711,23 @@ async def test_a_dead_replicas_critical_page_goes_before_a_storm_of_warnings(rep
     await b.accept([msg(f"w{i:02d}", priority=1) for i in range(20)], 1010.0)
     assert [m.id for m in await b.claim(1030.0, 1, 30.0)] == ["crit"]  # its lease ran out: first
     assert b.usage().claims_taken_over == 1
+
+
+async def test_readiness_fails_while_the_dedup_table_is_locked(pg_url, pg_server):
+    """What a webhook writes, not a probe row of its own: a lock that holds every webhook
+    back makes the store not ready (a one-row upsert elsewhere said ready)."""
+    import asyncpg
+
+    async with opened_pg(pg_url) as s:
+        await s.ping()
+        other = await asyncpg.connect(pg_url)
+        try:
+            async with other.transaction():
+                await other.execute("LOCK TABLE dedup IN ACCESS EXCLUSIVE MODE")
+                with pytest.raises(StoreError, match="lock"):
+                    await s.ping()
+        finally:
+            await other.close()
+        await s.ping()
+        assert await s.stats()  # the probes left nothing behind
+        assert (await s.stats()).unplanned == 0

@@ -200,9 +200,22 @@ class PostgresStore:
         return None  # a restart does not bring a database back; readiness shows it is down
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute(
-            "INSERT INTO probe(id, at) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET at=excluded.at"),
-            transaction=False)
+        """Raises unless a webhook could be stored now: the rows a webhook writes (a dedup key,
+        a notification of a webhook's size) are written and rolled back. A one-row upsert
+        succeeded while a full disk or a lock on the dedup table refused every webhook."""
+        async def run(conn: Any) -> None:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.execute("SET LOCAL lock_timeout = '2s'")  # a lock held: not ready, soon
+                probe = f"probe:{self._me}:{secrets.token_hex(8)}"
+                await conn.execute("INSERT INTO dedup(key, seen_at) VALUES ($1, 0)", probe)
+                await conn.execute("INSERT INTO notifications(id, received_at, source, body, priority) "
+                                   "VALUES ($1, 0, 'probe', $2, 0)", probe, secrets.token_bytes(2048))
+            finally:
+                await tx.rollback()
+
+        await self._run(run, transaction=False)
 
     def usage(self) -> StoreUsage:
         pool = self._pool

@@ -126,8 +126,6 @@ CREATE TRIGGER messages_updated AFTER UPDATE ON messages
 CREATE TRIGGER messages_deleted AFTER DELETE ON messages REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_count_deleted();
 
--- Written by a readiness probe: the database takes writes.
-CREATE TABLE probe (id integer PRIMARY KEY CHECK (id = 1), at timestamptz NOT NULL);
 """
 
 MIGRATIONS: tuple[str, ...] = (_V1,)
