@@ -703,11 +703,8 @@ class Bench:
         p = self.plan
         assert self.fake is not None
         self.fake.reset(delay=CLICKATELL_DELAY)
-        port = free_port()
-        bare = Proc("bare.py", [PYTHON, str(BENCH / "bare.py"), str(port)], self.work / "bare.log")
-        bare_url = f"http://127.0.0.1:{port}{WEBHOOK}"
+        bare, bare_url = self._bare()
         try:
-            wait_until("bare.py", lambda: http("POST", bare_url, b"{}", timeout=1)[0] == 200, 30, bare)
             for alerts in (1, 10):
                 ceiling: dict[int, Load] = {}
                 got: dict[int, Load] = {}
@@ -729,6 +726,18 @@ class Bench:
         finally:
             bare.stop()
 
+    def _bare(self) -> tuple[Proc, str]:
+        """The ceiling (bench/bare.py) started and answering; its webhook URL. The caller stops it."""
+        port = free_port()
+        bare = Proc("bare.py", [PYTHON, str(BENCH / "bare.py"), str(port)], self.work / "bare.log")
+        url = f"http://127.0.0.1:{port}{WEBHOOK}"
+        try:
+            wait_until("bare.py", lambda: http("POST", url, b"{}", timeout=1)[0] == 200, 30, bare)
+        except BaseException:
+            bare.stop()
+            raise
+        return bare, url
+
     def accept_replicas(self) -> None:
         """PostgreSQL: at each connection count, the ceiling, then one receiver on a fresh
         database, then two receivers on one fresh database, each under half the connections
@@ -737,16 +746,13 @@ class Bench:
         p = self.plan
         assert self.fake is not None
         self.fake.reset(delay=CLICKATELL_DELAY)
-        port = free_port()
-        bare = Proc("bare.py", [PYTHON, str(BENCH / "bare.py"), str(port)], self.work / "bare.log")
-        bare_url = f"http://127.0.0.1:{port}{WEBHOOK}"
+        bare, bare_url = self._bare()
         ceiling: dict[int, Load] = {}
         one: dict[int, Load] = {}
         two: dict[int, Load] = {}
         parts: dict[int, list[Load]] = {}
         latency: list[Row] = []  # added after the throughput rows, as with SQLite
         try:
-            wait_until("bare.py", lambda: http("POST", bare_url, b"{}", timeout=1)[0] == 200, 30, bare)
             for c in p.connections:
                 ceiling[c] = self.load.closed(bare_url, 1, p.throughput_s, c)
                 check_errors(ceiling[c])

@@ -65,6 +65,7 @@ from receiver.store.postgres_sql import (
     fenced,
     insert,
     record_results,
+    rowcount,
     with_recipients,
 )
 from receiver.store.sql import MESSAGE_COLUMNS
@@ -126,7 +127,7 @@ class PostgresStore:
             async with self._pool.acquire() as conn:
                 await migrate(conn)
                 # Notifications that could not be planned: a new start (a fixed release) tries again.
-                retried = _count(await conn.execute("UPDATE notifications SET error=NULL, planning_until=NULL "
+                retried = rowcount(await conn.execute("UPDATE notifications SET error=NULL, planning_until=NULL "
                                                     "WHERE error IS NOT NULL"))
             if retried:
                 log.warning("%d notification(s) that could not be planned before are tried again", retried)
@@ -372,9 +373,8 @@ class PostgresStore:
 
 
     async def retry_now(self, now: float) -> int:
-        status = await self._run(lambda conn: conn.execute(
-            "UPDATE messages SET next_attempt_at=$1 WHERE state='pending' AND next_attempt_at > $1", now))
-        return int(status.split()[-1])
+        return rowcount(await self._run(lambda conn: conn.execute(
+            "UPDATE messages SET next_attempt_at=$1 WHERE state='pending' AND next_attempt_at > $1", now)))
 
     # -- holds -----------------------------------------------------------------------------------
 
@@ -483,12 +483,12 @@ class PostgresStore:
                 "ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED", before, _FINISHED, limit)]
             n = 0
             if ids:
-                n += _count(await conn.execute("DELETE FROM recipients WHERE message_id = ANY($1::text[])", ids))
-                n += _count(await conn.execute("DELETE FROM messages WHERE id = ANY($1::text[])", ids))
-            n += _count(await conn.execute("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup "
+                n += rowcount(await conn.execute("DELETE FROM recipients WHERE message_id = ANY($1::text[])", ids))
+                n += rowcount(await conn.execute("DELETE FROM messages WHERE id = ANY($1::text[])", ids))
+            n += rowcount(await conn.execute("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup "
                                            "WHERE seen_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
                                            keys_before, limit))
-            n += _count(await conn.execute("DELETE FROM sends WHERE id IN (SELECT id FROM sends "
+            n += rowcount(await conn.execute("DELETE FROM sends WHERE id IN (SELECT id FROM sends "
                                            "WHERE sent_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
                                            sends_before, limit))
             while await compact_counts(conn) == COUNTS_CHUNK:
@@ -496,8 +496,3 @@ class PostgresStore:
             return n
 
         return await self._run(run)
-
-
-def _count(status: str) -> int:
-    """The row count of an asyncpg command status (``DELETE 12``)."""
-    return int(status.split()[-1])

@@ -259,3 +259,8 @@ class Clean:
 
     async def fetchval(self, query: str, *args: Any, **kw: Any) -> Any:
         return await self._conn.fetchval(query, *map(_clean, args), **kw)
+
+
+def rowcount(status: str) -> int:
+    """The row count of an asyncpg command status (``DELETE 12``)."""
+    return int(status.split()[-1])
