@@ -92,7 +92,7 @@ def _message(notification: Notification, delivery: GroupDelivery, snap: Snapshot
     group = cfg.groups_by_id[delivery.group_id]
     rendered = snap.renderer.render(
         template or group.template,
-        build_context(notification, delivery, group, now),
+        build_context(notification, delivery, group, now, zone=group.timezone or cfg.timezone),
         cfg.clickatell.max_parts,
     )
     return NewMessage(

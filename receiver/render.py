@@ -5,12 +5,24 @@ rather than failing). A template that fails at run time never loses the page: :m
 then returns a plain :func:`fallback_text` built without Jinja, with ``error`` set so the failure is
 counted and logged.
 
-Filters, beside Jinja's own:
+A template can never stop paging: each render runs under a budget of :data:`RENDER_BUDGET` seconds
+of CPU and :data:`MAX_OUTPUT` characters. The sandbox enforces it itself, cooperatively: every
+call (macros included), intercepted operator, filter, captured block and loop iteration ticks the
+budget (the CPU clock is read every few ticks; what runs between two ticks is bounded by the
+template's length), and the operations that could allocate a huge value in
+one step (``'x' * n``, ``~``, ``+``, ``**``, ``%``/``format`` widths, ``center``, ``indent``,
+``replace``, ``join``, ``range``…) are refused before they run when the result would pass
+:data:`MAX_STRING` characters or :data:`MAX_ITEMS` items. A render over budget gets the fallback
+text (``error`` names what happened). :func:`template_error` renders every template against a
+sample notification under the same budget, so ``check-config`` and reload refuse one that overruns.
 
-``hhmm(dt, tz="UTC")``
-    "20:34" (``tz`` an IANA zone name); None renders "".
-``short_time(dt, fmt="%d %b %H:%M", tz="UTC")``
-    strftime in a zone.
+Filters, beside Jinja's own (``lipsum`` is removed):
+
+``hhmm(dt, tz=None, zone=True)``
+    "20:34 UTC", "21:34 CET": in ``tz`` (an IANA name; default the group's ``timezone``), with the
+    zone's abbreviation unless ``zone=false``; None renders "".
+``short_time(dt, fmt="%d %b %H:%M %Z", tz=None)``
+    strftime in a zone (default the group's); ``%Z`` is the zone's abbreviation.
 ``duration(seconds | timedelta)``
     "45s", "5m", "1h5m", "2d3h": at most two units.
 ``since(dt)``
@@ -23,17 +35,33 @@ Filters, beside Jinja's own:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import re
+import string
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from receiver.encoding import fit
-from receiver.models import Alert, GroupDelivery, Notification, SmsText
+from receiver.models import Alert, AlertStatus, GroupDelivery, Notification, SmsText
+
+RENDER_BUDGET = 0.1  # seconds of CPU one render may take
+MAX_OUTPUT = 32_768  # characters a render may produce (35 SMS parts are ~5,400)
+MAX_STRING = 262_144  # characters in any one string a template builds
+MAX_ITEMS = 100_000  # items in any list a template builds, or that one loop or filter yields
+MAX_RANGE = 10_000  # items of range()
+MAX_INT_BITS = 65_536  # bits of an integer a template computes
+WORDWRAP_MAX = 20_000  # characters wordwrap/urlize accept: they are pure Python, and slow
+_CHECK_EVERY = 16  # ticks between reads of the CPU clock (a read costs ~0.6 µs)
 
 
 class GroupInfo(Protocol):
@@ -44,18 +72,44 @@ class GroupInfo(Protocol):
     level: str | None
 
 
+class RenderBudgetExceeded(Exception):
+    """A render went over its budget (time or size). Not a TypeError/ValueError/LookupError, so
+    the filters and lookups that swallow those let it through; the budget also stays exceeded,
+    so the next tick raises again should anything swallow it anyway."""
+
+
 def _zone(tz: str) -> ZoneInfo | timezone:
     return timezone.utc if tz.upper() == "UTC" else ZoneInfo(tz)
 
 
-def _short_time(value: datetime | None, fmt: str = "%d %b %H:%M", tz: str = "UTC") -> str:
+def _abbreviation(local: datetime) -> str:
+    name = local.strftime("%Z")
+    return f"UTC{name}" if name[:1] in "+-" else name  # zones without a name: "-03" → "UTC-03"
+
+
+def _context_zone(ctx: jinja2.runtime.Context) -> str:
+    group = ctx.get("group")
+    tz = group.get("timezone") if isinstance(group, Mapping) else None
+    return tz if isinstance(tz, str) and tz else "UTC"
+
+
+@jinja2.pass_context
+def _short_time(ctx: jinja2.runtime.Context, value: datetime | None, fmt: str = "%d %b %H:%M %Z",
+                tz: str | None = None) -> str:
     if not isinstance(value, datetime):
         return ""
-    return value.astimezone(_zone(tz)).strftime(fmt)
+    local = value.astimezone(_zone(tz or _context_zone(ctx)))
+    if fmt == "%H:%M %Z":  # hhmm's, in a loop over the alerts: strftime once
+        return f"{local.hour:02d}:{local.minute:02d} {_abbreviation(local)}"
+    abbreviation = _abbreviation(local).replace("%", "%%")
+    # %Z by hand: strftime's is "+03" for some zones, and "%%Z" must stay literal.
+    return local.strftime(re.sub(r"%(.)", lambda m: abbreviation if m[1] == "Z" else m[0], str(fmt)))
 
 
-def _hhmm(value: datetime | None, tz: str = "UTC") -> str:
-    return _short_time(value, "%H:%M", tz)
+@jinja2.pass_context
+def _hhmm(ctx: jinja2.runtime.Context, value: datetime | None, tz: str | None = None,
+          zone: bool = True) -> str:
+    return _short_time(ctx, value, "%H:%M %Z" if zone else "%H:%M", tz)
 
 
 def _duration(value: float | int | timedelta | None) -> str:
@@ -96,14 +150,401 @@ def _join_labels(labels: Mapping[str, Any], keys: Iterable[str] | None = None, s
     return sep.join(f"{k}={labels[k]}" for k in names if k in labels)
 
 
+# ---------------------------------------------------------------------------------------------
+# The budget
+
+
+class _Budget:
+    """One render's allowance of CPU time, read from ``timer``."""
+
+    __slots__ = ("seconds", "_timer", "_deadline", "_left", "exceeded")
+
+    def __init__(self, seconds: float, timer: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self._timer = timer
+        self._deadline = timer() + seconds
+        self._left = _CHECK_EVERY
+        self.exceeded: str | None = None
+
+    def tick(self) -> None:
+        if self.exceeded is not None:
+            raise RenderBudgetExceeded(self.exceeded)
+        self._left -= 1
+        if self._left <= 0:
+            self._left = _CHECK_EVERY
+            if self._timer() > self._deadline:
+                self.fail(f"rendering took longer than {self.seconds * 1000:.0f}ms — a loop too large?")
+
+    def fail(self, message: str) -> None:
+        self.exceeded = message
+        raise RenderBudgetExceeded(message)
+
+
+def _too_big(what: str, limit: int, unit: str = "characters") -> RenderBudgetExceeded:
+    return RenderBudgetExceeded(f"{what} would be more than {limit} {unit}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_len(what: str, size: Any, limit: int = MAX_STRING, unit: str = "characters") -> None:
+    if _is_int(size) and size > limit:
+        raise _too_big(what, limit, unit)
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _str_size(value: Any, limit: int = MAX_STRING) -> int:
+    """A lower bound of ``len(str(value))``, counted up to just past ``limit`` at a cost of
+    O(limit): a list of 100,000 references to one long string is small, its text is not."""
+    size, stack = 0, [value]
+    while stack and size <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            size += len(v)
+        elif isinstance(v, _CONTAINERS):
+            size += 2 + 2 * len(v)  # brackets, and ", " between items: each extend is paid for
+            stack.extend(v.items() if isinstance(v, dict) else v)
+        else:
+            size += 1
+    return size
+
+
+def _check_text(what: str, value: Any) -> None:
+    """A value about to be turned into text: a container's text must fit MAX_STRING too."""
+    if isinstance(value, _CONTAINERS) and _str_size(value) > MAX_STRING:
+        raise _too_big(what, MAX_STRING)
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)", re.S)
+
+
+def _check_percent(fmt: Any, args: Any) -> None:
+    """``fmt % args`` (and the ``format`` filter): the widths it asks for must fit MAX_STRING."""
+    if not isinstance(fmt, str):
+        return
+    values = args if isinstance(args, tuple) else (args,)
+    for v in values:
+        _check_text("a %-format's argument as text", v)
+    width = 0
+    for m in _PERCENT_SPEC.finditer(fmt):
+        for part in (m[1], m[2]):
+            if part == "*":
+                width += sum(abs(v) for v in values if _is_int(v))
+            elif part:
+                width += int(part)
+    _check_len("a %-format's width", width)
+
+
+def _check_format(fmt: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """``fmt.format(...)``: the widths in its specs (nested ones included) must fit MAX_STRING."""
+    for v in (*args, *kwargs.values()):
+        _check_text("a format's argument as text", v)
+    width = 0
+    for _, _, spec, _ in string.Formatter().parse(fmt):
+        if not spec:
+            continue
+        if "{" in spec:  # a width from the arguments
+            width += sum(abs(v) for v in (*args, *kwargs.values()) if _is_int(v))
+        width += sum(int(n) for n in re.findall(r"\d+", spec))
+    _check_len("a format's width", width)
+
+
+def _replaced_len(s: str, old: Any, new: Any, count: Any = -1) -> int:
+    if not isinstance(old, str) or not isinstance(new, str):
+        return 0
+    n = (len(s) + 1) if old == "" else s.count(old)
+    if _is_int(count) and count >= 0:
+        n = min(n, count)
+    return len(s) + n * (len(new) - len(old))
+
+
+def _joined_len(items: list[Any], sep: Any) -> int:
+    size = sum(len(x) if isinstance(x, str) else _str_size(x) for x in items)
+    return size + max(0, len(items) - 1) * (len(sep) if isinstance(sep, str) else 0)
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    if operator == "*":
+        if _is_int(left) and _is_int(right):
+            _check_len("a product", left.bit_length() + right.bit_length(), MAX_INT_BITS, "bits")
+            return
+        seq, n = (left, right) if _is_int(right) else (right, left)
+        if isinstance(seq, str) and _is_int(n):
+            _check_len("a repeated string", len(seq) * n)
+        elif isinstance(seq, (list, tuple)) and _is_int(n):
+            _check_len("a repeated list", len(seq) * n, MAX_ITEMS, "items")
+    elif operator == "+":
+        if isinstance(left, str) and isinstance(right, str):
+            _check_len("a sum of strings", len(left) + len(right))
+        elif isinstance(left, (list, tuple)) and isinstance(right, (list, tuple)):
+            _check_len("a sum of lists", len(left) + len(right), MAX_ITEMS, "items")
+    elif operator == "**":
+        if _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
+            _check_len("a power", right * left.bit_length(), MAX_INT_BITS, "bits")
+    elif operator == "%" and isinstance(left, str):
+        _check_percent(left, right)
+
+
+def _check_str_method(owner: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[Any, ...]:
+    """Refuse a str method call whose result would pass MAX_STRING; returns the arguments to
+    call it with (``join``'s iterable read into a list, once)."""
+    if name in ("center", "ljust", "rjust", "zfill"):
+        _check_len(f"str.{name}", args[0] if args else kwargs.get("width"))
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if _is_int(size):
+            _check_len("str.expandtabs", len(owner) * max(1, size))
+    elif name == "replace" and len(args) >= 2:
+        _check_len("str.replace", _replaced_len(owner, *args[:3]))
+    elif name == "join" and args:
+        items = _bounded_list(args[0])
+        _check_len("str.join", _joined_len(items, owner))
+        return (items, *args[1:])
+    return args
+
+
+def _bounded_list(iterable: Any) -> list[Any]:
+    if isinstance(iterable, list):
+        items = iterable
+    else:
+        items = []
+        for item in iterable:
+            items.append(item)
+            if len(items) > MAX_ITEMS:
+                break
+    _check_len("a list", len(items), MAX_ITEMS, "items")
+    return items
+
+
+# Filters that could allocate (or spin) a lot in one step: a check of their arguments first.
+def _filter_center(value: Any, width: Any = 80, *_: Any, **__: Any) -> None:
+    _check_len("center", width)
+
+
+def _filter_indent(s: Any, width: Any = 4, *_: Any, **__: Any) -> None:
+    lines = str(s).count("\n") + 1
+    per_line = len(width) if isinstance(width, str) else width
+    if _is_int(per_line):
+        _check_len("indent", len(str(s)) + lines * per_line)
+
+
+def _filter_format(value: Any, *args: Any, **kwargs: Any) -> None:
+    _check_percent(value, args or kwargs)
+
+
+def _filter_replace(s: Any, old: Any = "", new: Any = "", count: Any = None, *_: Any, **__: Any) -> None:
+    _check_len("replace", _replaced_len(str(s), old, new, -1 if count is None else count))
+
+
+def _filter_join(value: Any, d: Any = "", attribute: Any = None, *_: Any, **__: Any) -> None:
+    if isinstance(value, (list, tuple)) and attribute is None:
+        _check_len("join", _joined_len(list(value), d))
+
+
+def _filter_slow(value: Any, *_: Any, **__: Any) -> None:
+    _check_len("wordwrap/urlize input", len(str(value)), WORDWRAP_MAX)
+
+
+def _filter_sum(iterable: Any, attribute: Any = None, start: Any = 0, *_: Any, **__: Any) -> None:
+    if not isinstance(start, (int, float)):
+        raise RenderBudgetExceeded("sum only adds numbers here (its start must be a number)")
+
+
+_FILTER_CHECKS: Mapping[str, Callable[..., None]] = {
+    "center": _filter_center, "indent": _filter_indent, "format": _filter_format,
+    "replace": _filter_replace, "join": _filter_join, "wordwrap": _filter_slow,
+    "urlize": _filter_slow, "sum": _filter_sum,
+}
+
+
+# Filters that turn their input into text: a list's text could be huge while the list is small.
+_STRINGIFYING = frozenset({
+    "string", "tojson", "pprint", "e", "escape", "forceescape", "safe", "upper", "lower", "title",
+    "capitalize", "trim", "striptags", "truncate", "wordcount", "urlencode", "urlize", "center",
+    "indent", "replace", "format", "wordwrap", "sms_truncate",
+})
+
+
+class _Guard(NodeTransformer):
+    """Routes the two things the sandbox has no hook for through one: each ``for`` loop's
+    iterable (so that every iteration ticks) and ``~`` (so that its length is checked)."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, "_budget_iter", [], [], None, None, lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        self.generic_visit(node)
+        return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), "_budget_concat", [], [],
+                            None, None, lineno=node.lineno)
+
+
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
 class _Sandbox(SandboxedEnvironment):
-    """Jinja's sandbox, with ``a.labels.alertname`` on the context's plain dicts looked up
-    directly. Jinja tries ``getattr`` first and falls back to the item on AttributeError: for a
-    name that is not a dict attribute that always ends in the item (or undefined), the same
-    result without raising (an exception per dot was most of a 10-alert render)."""
+    """Jinja's sandbox, with the render budget enforced by its hooks (see the module's doc).
+
+    The budget of the render in progress is kept per thread on the environment (one render at a
+    time per thread; renders run on the event loop, the CLI in its main thread). With none in
+    progress (compiling, constant folding) the size checks still apply; the time check does not.
+
+    Also, ``a.labels.alertname`` on the context's plain dicts is looked up directly. Jinja tries
+    ``getattr`` first and falls back to the item on AttributeError: for a name that is not a dict
+    attribute that always ends in the item (or undefined), the same result without raising (an
+    exception per dot was most of a 10-alert render)."""
+
+    intercepted_binops = frozenset({"+", "*", "%", "**"})
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._local = threading.local()
+        self.finalize = self._finalize
+        self.globals["range"] = self._range
+        self.globals.pop("lipsum", None)  # lipsum(10**6) took 47 s; an SMS needs no filler text
+        for name, func in list(self.filters.items()):
+            self.filters[name] = self._guard_filter(name, func)
+        self.filters["_budget_iter"] = jinja2.pass_context(lambda _ctx, value: self._iterate(value))
+        self.filters["_budget_concat"] = jinja2.pass_context(lambda _ctx, parts: self._concat(parts))
+
+    # -- the budget ---------------------------------------------------------------------------
+
+    def run(self, template: jinja2.Template, context: Mapping[str, Any], budget: _Budget) -> str:
+        """Render ``template`` under ``budget``; raises RenderBudgetExceeded when it runs out."""
+        previous = getattr(self._local, "budget", None)
+        self._local.budget = budget
+        try:
+            out: list[str] = []
+            size = 0
+            for chunk in template.generate(context):  # each loop iteration and call has ticked
+                size += len(chunk)
+                if size > MAX_OUTPUT:
+                    budget.fail(f"rendering produced more than {MAX_OUTPUT} characters")
+                out.append(chunk)
+            if budget.exceeded is not None:  # something swallowed the exception: still over
+                raise RenderBudgetExceeded(budget.exceeded)
+            return "".join(out)
+        finally:
+            self._local.budget = previous
+
+    def _tick(self) -> None:
+        budget = getattr(self._local, "budget", None)
+        if budget is not None:
+            budget.tick()
+
+    def _checked(self, value: Any) -> Any:
+        """A value a template computed: refused when too big; an iterator comes back counted."""
+        if isinstance(value, str):
+            if len(value) > MAX_STRING:
+                raise _too_big("a string", MAX_STRING)
+        elif isinstance(value, (list, tuple, dict, set, frozenset)):
+            if len(value) > MAX_ITEMS:
+                raise _too_big("a list", MAX_ITEMS, "items")
+        elif isinstance(value, Iterator):
+            return self._iterate(value)
+        return value
+
+    def _iterate(self, iterable: Any) -> Iterator[Any]:
+        budget = getattr(self._local, "budget", None)
+        for count, item in enumerate(iterable, 1):
+            if count > MAX_ITEMS:
+                raise _too_big("a loop", MAX_ITEMS, "items")
+            if budget is not None:
+                budget.tick()
+            yield item
+
+    def _concat(self, parts: list[Any]) -> str:
+        self._tick()
+        for p in parts:
+            _check_text("a ~ concatenation", p)
+        texts = [str(p) for p in parts]
+        _check_len("a ~ concatenation", sum(map(len, texts)))
+        return "".join(texts)
+
+    def _range(self, *args: Any) -> range:
+        self._tick()
+        r = range(*args)
+        _check_len("range()", len(r), MAX_RANGE, "items")
+        return r
+
+    @staticmethod
+    def _finalize(value: Any) -> Any:
+        """Every ``{{ expression }}`` before it becomes text."""
+        if value.__class__ is not str:  # the fast path: most outputs are strings
+            _check_text("an output expression as text", value)
+        return value
+
+    def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
+        """Joins the captured output of ``{% set %}…{% endset %}``, macros and ``call`` blocks:
+        checked before the join, so output captured in a loop or a macro's fan-out stays bounded
+        (the top level's is counted by :meth:`run`)."""
+        parts = parts if isinstance(parts, list) else list(parts)
+        self._tick()
+        _check_len("a captured block", sum(map(len, parts)))
+        return "".join(parts)
+
+    def _guard_filter(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        check = _FILTER_CHECKS.get(name)
+        stringifies = name in _STRINGIFYING
+        offset = 1 if hasattr(func, "jinja_pass_arg") else 0  # context/environment comes first
+
+        @functools.wraps(func)  # keeps jinja_pass_arg
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            self._tick()
+            if len(args) > offset:
+                if stringifies:
+                    _check_text(f"{name}'s input as text", args[offset])
+                if check is not None:
+                    check(*args[offset:], **kwargs)
+            return self._checked(func(*args, **kwargs))
+
+        return guarded
+
+    # -- the sandbox's hooks --------------------------------------------------------------------
+
+    def _generate(self, source: nodes.Template, name: str | None, filename: str | None,
+                  defer_init: bool = False) -> str:
+        source = _Guard().visit(source)
+        source.set_environment(self)
+        return super()._generate(source, name, filename, defer_init)
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any,  # noqa: N805
+             **kwargs: Any) -> Any:
+        __self._tick()
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            args = _check_str_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(owner, (list, dict, set)):  # l.extend(l) doubles: stop at the limit
+            _check_len("a list", len(owner), MAX_ITEMS, "items")
+        return __self._checked(result)
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        self._tick()
+        _check_binop(operator, left, right)
+        return self._checked(self.binop_table[operator](left, right))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt = value.__self__
+
+        @functools.wraps(wrapped)
+        def checked(*args: Any, **kwargs: Any) -> str:
+            self._tick()
+            if value.__name__ == "format_map":
+                _check_format(fmt, (), args[0] if args and isinstance(args[0], Mapping) else {})
+            else:
+                _check_format(fmt, args, kwargs)
+            return self._checked(wrapped(*args, **kwargs))
+
+        return checked
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
@@ -114,27 +555,86 @@ class _Sandbox(SandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
-def _environment() -> SandboxedEnvironment:
+def _environment() -> _Sandbox:
     env = _Sandbox(
         undefined=jinja2.ChainableUndefined, autoescape=False, keep_trailing_newline=False
     )
-    env.filters.update(
+    for name, func in dict(
         hhmm=_hhmm,
         short_time=_short_time,
         duration=_duration,
         since=_since,
         sms_truncate=_sms_truncate,
         join_labels=_join_labels,
-    )
+    ).items():
+        env.filters[name] = env._guard_filter(name, func)
     return env
 
 
-def template_error(source: str) -> str | None:
-    """None when ``source`` compiles; else a short message naming the line."""
+# ---------------------------------------------------------------------------------------------
+# Checking a template
+
+
+@dataclass(frozen=True, slots=True)
+class _SampleGroup:
+    id: str = "sample"
+    name: str = "Sample group"
+    level: str | None = None
+
+
+_SAMPLE_NOW = datetime(2026, 1, 15, 21, 55, tzinfo=timezone.utc)  # fixed: a check is reproducible
+
+
+def _sample_contexts() -> list[tuple[str, dict[str, Any]]]:
+    """A firing notification of several alerts with the usual labels, and a resolved one."""
+    started = _SAMPLE_NOW - timedelta(minutes=7)
+
+    def alert(i: int, status: AlertStatus) -> Alert:
+        return Alert(
+            status=status,
+            labels={"alertname": "HighLatency" if i % 2 else "DiskFull", "instance": f"web-{i}:9100",
+                    "job": "node", "severity": "critical" if i == 0 else "warning", "env": "prod"},
+            annotations={"summary": f"p99 latency above 2s on web-{i}",
+                         "description": f"web-{i}:9100 answered in 2.5s (p99) over the last 5 minutes",
+                         "runbook_url": "https://runbooks.example/latency"},
+            starts_at=started,
+            ends_at=_SAMPLE_NOW if status is AlertStatus.RESOLVED else None,
+            generator_url="http://prometheus.example/graph?g0.expr=up",
+            fingerprint=f"{i:016x}",
+        )
+
+    out = []
+    for label, status, count in (("firing", AlertStatus.FIRING, 5), ("resolved", AlertStatus.RESOLVED, 1)):
+        alerts = tuple(alert(i, status) for i in range(count))
+        n = Notification(source="alertmanager", alerts=alerts, status=status,
+                         group_labels={"alertname": alerts[0].labels["alertname"]},
+                         external_url="http://alertmanager.example", receiver="sms",
+                         group_key='{}:{alertname="HighLatency"}')
+        delivery = GroupDelivery("sample", "critical", status, alerts)
+        out.append((label, build_context(n, delivery, _SampleGroup(), _SAMPLE_NOW.timestamp())))
+    return out
+
+
+def template_error(source: str, *, budget: float = RENDER_BUDGET,
+                   timer: Callable[[], float] = time.thread_time) -> str | None:
+    """None when ``source`` compiles and renders a sample firing and a sample resolved
+    notification within the render budget; else a short message saying what went wrong (the
+    line of a syntax error, the budget that ran out, the exception). A failure on an undefined
+    value is not reported: the template may need ``/send`` variables or labels the sample lacks."""
+    env = _environment()
     try:
-        _environment().from_string(source)
+        compiled = env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         return f"template syntax error at line {exc.lineno}: {exc.message}"
+    for label, context in _sample_contexts():
+        try:
+            env.run(compiled, context, _Budget(budget, timer))
+        except RenderBudgetExceeded as exc:
+            return f"{exc} (rendering a sample {label} notification)"
+        except jinja2.UndefinedError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - reported, as check-config reports everything
+            return f"rendering a sample {label} notification failed: {type(exc).__name__}: {exc}"
     return None
 
 
@@ -145,11 +645,16 @@ class Rendered:
 
 
 class Renderer:
-    """Compiled templates. Construct once per config; :meth:`render` never raises."""
+    """Compiled templates. Construct once per config; :meth:`render` never raises and returns
+    within about ``budget`` seconds of ``timer`` (CPU time of the rendering thread by default: the
+    cost of the template, whatever the load of the machine)."""
 
-    def __init__(self, templates: Mapping[str, str]) -> None:
-        env = _environment()
-        self._templates = {name: env.from_string(src) for name, src in templates.items()}
+    def __init__(self, templates: Mapping[str, str], *, budget: float = RENDER_BUDGET,
+                 timer: Callable[[], float] = time.thread_time) -> None:
+        self._env = _environment()
+        self._budget = budget
+        self._timer = timer
+        self._templates = {name: self._env.from_string(src) for name, src in templates.items()}
 
     def render(self, template: str, context: Mapping[str, Any], max_parts: int) -> Rendered:
         compiled = self._templates.get(template)
@@ -158,7 +663,9 @@ class Renderer:
             error = f"unknown template {template!r}"
         else:
             try:
-                text = compiled.render(context).strip()
+                text = self._env.run(compiled, context, _Budget(self._budget, self._timer)).strip()
+            except RenderBudgetExceeded as exc:
+                error = f"template {template!r} stopped: {exc}"
             except Exception as exc:  # noqa: BLE001 - whatever a template does, the page goes out
                 error = f"template {template!r} failed: {type(exc).__name__}: {exc}"
             else:
@@ -198,9 +705,14 @@ def _alert_dict(a: Alert) -> dict[str, Any]:
 
 
 def build_context(
-    notification: Notification, delivery: GroupDelivery, group: GroupInfo, now: float
+    notification: Notification, delivery: GroupDelivery, group: GroupInfo, now: float,
+    zone: str | None = None,
 ) -> dict[str, Any]:
     """The template context of PRODUCT.md for one group's share of a notification.
+
+    ``zone`` is the IANA time zone the time filters use by default (``group.timezone``, shown
+    to templates; the pipeline passes the group's, else the config's): None means the group's
+    own ``timezone`` attribute if it has one, else UTC.
 
     ``common_labels``/``common_annotations`` are computed over the alerts this group receives,
     which may be a subset of the notification's. The caller's ``/send`` variables are also
@@ -211,7 +723,8 @@ def build_context(
         "alerts": alerts,
         "status": delivery.status.value,
         "level": delivery.level,
-        "group": {"id": group.id, "name": group.name, "level": group.level or ""},
+        "group": {"id": group.id, "name": group.name, "level": group.level or "",
+                  "timezone": zone or getattr(group, "timezone", None) or "UTC"},
         "group_labels": dict(notification.group_labels),
         "common_labels": _common([a["labels"] for a in alerts]),
         "common_annotations": _common([a["annotations"] for a in alerts]),
