@@ -6,6 +6,7 @@ secrets, validates into these models and cross-checks them. Field names are PROD
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationInfo,
     field_validator,
 )
 
@@ -153,9 +155,10 @@ def _postgresql(url: str, password: str | None) -> Storage:
     return Storage(url, "", password or None)
 
 
-def _storage(value: Any) -> Storage:
-    """``sqlite:///absolute/path.db``, ``sqlite://relative/path.db`` (relative to the working
-    directory), or ``postgresql://…`` (or a mapping ``{url, password | password_file}``).
+def _storage(value: Any, info: ValidationInfo) -> Storage:
+    """``sqlite:///absolute/path.db``, ``sqlite://relative/path.db`` (relative to the config
+    file's directory, the validation context's ``base_dir``; to the working directory when there
+    is none), or ``postgresql://…`` (or a mapping ``{url, password | password_file}``).
     Exactly what ``run`` can open: no path, sqlite options or another scheme is an error."""
     if isinstance(value, Storage):
         return value
@@ -182,6 +185,9 @@ def _storage(value: Any) -> Storage:
             f"{url!r} names no file: the outbox must be a file that outlives the process, "
             "e.g. sqlite:///var/lib/sms-receiver/outbox.db"
         )
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not os.path.isabs(rest):  # the rule *_file paths follow too
+        return Storage(url, os.path.normpath(os.path.join(base, rest)))
     return Storage(url, rest)
 
 
@@ -209,11 +215,17 @@ class BasicAuth(_Model):
 
 
 class AdminAuth(_Model):
+    """Credentials for ``Authorization``; configured ones are always required. With none:
+    admin endpoints answer loopback clients only, webhooks are refused, unless
+    ``allow_unauthenticated`` (ignored when credentials are configured)."""
+
     bearer_tokens: Tokens = ()
     basic_auth: BasicAuth | None = None
+    allow_unauthenticated: bool = False
 
     @property
     def configured(self) -> bool:
+        """Bearer or basic credentials are configured (Grafana's HMAC secret is not counted)."""
         return bool(self.bearer_tokens or (self.basic_auth and self.basic_auth.username))
 
 
@@ -221,6 +233,8 @@ class WebhookAuth(AdminAuth):
     grafana_hmac_secret: SecretStr = SecretStr("")
     grafana_hmac_header: str = "X-Grafana-Alerting-Signature"
     grafana_hmac_timestamp_header: str = ""  # set when Grafana signs "<timestamp>:<body>"
+    # how far the signed timestamp may be from our clock, either way: bounds replays
+    grafana_hmac_max_age: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 300.0
 
 
 class ClickatellConfig(_Model):
@@ -314,11 +328,20 @@ class Group(_Model):
     id: str = Field(min_length=1)
     name: str = ""
     level: str | None = None  # None: the most urgent level
-    members: tuple[Phone, ...] = Field(min_length=1)
+    members: tuple[Phone, ...]
     template: str = "default"
     send_resolved: bool = True
     api_key: SecretStr = SecretStr("")
     quiet_hours: QuietHours | None = None
+    timezone: Annotated[str, BeforeValidator(_timezone)] | None = None  # of template times; None: Config's
+
+    @field_validator("members", mode="after")
+    @classmethod
+    def _some_members(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("the group has no members: list at least one phone number, e.g. "
+                             "members: ['+886911960999']")
+        return v
 
 
 class Route(_Model):
@@ -361,8 +384,29 @@ class PagingConfig(_Model):
     urgent_max_delay: Duration = 60.0
 
 
+class TlsConfig(_Model):
+    """The listener's certificate (chain) and key, PEM; relative paths are relative to the config
+    file's directory. Re-read by a reload: new connections get the renewed certificate."""
+
+    cert_file: str = Field(min_length=1)
+    key_file: str = Field(min_length=1)
+
+
+class ServerConfig(_Model):
+    """Limits of the HTTP listener (our own section): a stalled or idle connection holds a file
+    descriptor, so every phase of a connection is timed and their number is capped."""
+
+    header_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 10.0
+    body_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 60.0
+    idle_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 75.0
+    max_connections: int = Field(2000, ge=2)
+    tls: TlsConfig | None = None
+
+
 class CallbacksConfig(_Model):
-    secret: SecretStr = SecretStr("")  # ?secret=… on the callback URLs set in Clickatell's portal
+    # …/callbacks/clickatell/status/<secret> (or ?secret=…) on the callback URL in Clickatell's portal
+    secret: SecretStr = SecretStr("")
+    allow_unauthenticated: bool = False  # with no secret: accept callbacks anyway (else 401)
 
 
 DEFAULT_LEVELS = (
@@ -395,10 +439,13 @@ class Config(_Model):
     routes: tuple[Route, ...] = ()
     default_groups: tuple[str, ...] = ()
     templates: Mapping[str, str] = Field(default_factory=lambda: {"default": DEFAULT_TEMPLATE})
+    timezone: Annotated[str, BeforeValidator(_timezone)] = "UTC"  # of template times, unless the group's
     # Our own keys, beyond PRODUCT.md:
     max_body_bytes: int = Field(1 << 20, ge=1024)
     dedup_window: Duration = 3600.0
     log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # run --log-level wins
+    server: ServerConfig = ServerConfig()
     dispatch: DispatchConfig = DispatchConfig()
     callbacks: CallbacksConfig = CallbacksConfig()
     paging: PagingConfig = PagingConfig()
