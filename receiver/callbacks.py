@@ -7,11 +7,15 @@ report only ever moves a recipient forward (the store enforces that); we key on 
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
+import pydantic_core
+
+from receiver.ingest import not_json
 from receiver.models import RecipientState
 
 # statusCode → (metric label, final recipient state or None while in progress)
@@ -55,26 +59,70 @@ class StatusReport:
     final_state: RecipientState | None
 
 
+_MAX_ID = 200  # Clickatell's ids are 32 hex digits; ours are shorter
+_MAX_CODE = 10**6  # no status code comes near; bounds what is stored and shown
+_UNSAFE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")  # no database or SMS carries these
+
+
+def _text(value: Any, field: str, required: bool = False) -> str | None:
+    """A string field as stored: refused when it is not a string or number, holds a control
+    character or a lone surrogate (which no database or SMS can carry), or is over-long."""
+    if value is None or value == "":
+        if required:
+            raise ValueError(f"{field} is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{field} must be a string")
+    text = str(value)
+    if len(text) > _MAX_ID:
+        raise ValueError(f"{field} is longer than {_MAX_ID} characters")
+    if _UNSAFE.search(text):
+        raise ValueError(f"{field} holds a control character or a lone surrogate")
+    return text
+
+
+def _code(code: Any) -> int:
+    """``statusCode`` as a whole number: an integer, or a string of digits (forms and queries)."""
+    if isinstance(code, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", code):
+        number = int(code)
+    elif isinstance(code, int) and not isinstance(code, bool):
+        number = code
+    else:  # true, 4.5, Infinity, NaN and 1e400 (a float infinity to JSON), "-0x10", objects
+        raise ValueError(f"statusCode {str(code)[:20]!r} is not a whole number")
+    if not 0 <= number <= _MAX_CODE:
+        raise ValueError(f"statusCode is out of range (0 to {_MAX_CODE})")
+    return number
+
+
 def _report(message_id: Any, client_id: Any, code: Any, name: Any,
             table: Mapping[int, tuple[str, Any]]) -> StatusReport:
-    if not message_id:
-        raise ValueError("messageId is missing")
-    try:
-        number = int(code)
-    except (TypeError, ValueError, OverflowError):  # 1e999 is a float infinity to JSON
-        raise ValueError(f"statusCode {code!r} is not a number") from None
+    api_id = _text(message_id, "messageId", required=True)
+    assert api_id is not None
+    number = _code(code)
     label, final = table.get(number, ("unknown", None))
-    return StatusReport(str(message_id), str(client_id) if client_id else None,
-                        f"{number} {name or ''}".strip(), label, final)
+    return StatusReport(api_id, _text(client_id, "clientMessageId"),
+                        f"{number} {_text(name, 'status') or ''}".strip(), label, final)
+
+
+def parse_form(body: bytes, what: str = "form body") -> dict[str, str]:
+    """An ``application/x-www-form-urlencoded`` body (or query string) as a mapping (the last of
+    repeated keys); ``ValueError`` when it is not UTF-8, raw or percent-encoded."""
+    try:
+        text = body.decode("utf-8")
+        return dict(parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict"))
+    except UnicodeError:
+        raise ValueError(f"{what} is not valid UTF-8") from None
 
 
 def parse_status_callback(fields: Mapping[str, Any] | bytes) -> list[StatusReport]:
-    """Decode one callback request (query/form mapping, or a JSON body). Raise ``ValueError``."""
+    """Decode one callback request (query/form mapping, or a JSON body). Raise ``ValueError``
+    with a short reason for anything that is not a valid report: every string it returns is
+    safe to store (no lone surrogate, no control character, bounded length)."""
     if isinstance(fields, (bytes, bytearray)):
-        try:
-            data = json.loads(fields)
-        except (ValueError, UnicodeDecodeError):
-            raise ValueError("body is not valid JSON") from None
+        try:  # pydantic's parser: bounded nesting, no lone surrogates, invalid UTF-8 refused
+            data = pydantic_core.from_json(bytes(fields))
+        except ValueError as exc:
+            raise ValueError(not_json(str(exc))) from None
         if not isinstance(data, dict):
             raise ValueError("body must be a JSON object")
         fields = data

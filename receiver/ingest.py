@@ -10,6 +10,8 @@ field (``alerts.0.labels.a: Input should be a valid string``): 400 for a body th
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -72,6 +74,8 @@ class _WireNotification(_Wire):
     # Grafana
     title: str | None = None
     message: str | None = None
+    orgId: Any = None  # only to tell a Grafana body from an Alertmanager one
+    state: Any = None
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -122,10 +126,18 @@ def describe(exc: ValidationError, limit: int = 3) -> str:
 _LEGACY_GRAFANA_KEYS = ("evalMatches", "ruleId", "ruleName", "ruleUrl")
 
 
+def not_json(parser_message: str) -> str:
+    """The reason for a body the JSON parser refused, with a hint where its words are obscure
+    (a lone ``\\ud800`` escape reads as "unexpected end of hex escape")."""
+    hint = (" (a \\ud800-\\udfff escape must be half of a surrogate pair)"
+            if "surrogate" in parser_message or "hex escape" in parser_message else "")
+    return f"body is not valid JSON: {parser_message.removeprefix('Invalid JSON: ')[:160]}{hint}"
+
+
 def _problem(exc: ValidationError, body: bytes, source: WebhookSource) -> InvalidPayload:
     first = exc.errors(include_url=False)[0]
     if first["type"] == "json_invalid":
-        return InvalidPayload(f"body is not valid JSON: {first['msg']}", 400)
+        return InvalidPayload(not_json(first["msg"]), 400)
     if first["type"] == "model_type" and not first["loc"]:
         return InvalidPayload("body must be a JSON object with an 'alerts' list", 422)
     if source == "grafana":
@@ -151,6 +163,24 @@ def validate_webhook(body: bytes, source: WebhookSource) -> Webhook:
         return _WireNotification.model_validate_json(body)
     except ValidationError as exc:
         raise _problem(exc, body, source) from None
+
+
+_GRAFANA_KEYS = frozenset({"orgId", "state", "title", "message"})  # Grafana always sends all four
+
+
+def endpoint_problem(wire: Webhook, source: WebhookSource) -> InvalidPayload | None:
+    """A 422 when a validated body belongs to the other endpoint: a Grafana body on
+    ``/webhook/alertmanager`` (it would skip Grafana's signature check), or an Alertmanager body
+    (none of Grafana's keys) on ``/webhook/grafana``. Checked where webhooks arrive only: stored
+    bodies are re-parsed with :func:`parse_webhook`, which does not ask."""
+    grafana = sorted(_GRAFANA_KEYS & wire.model_fields_set)
+    if source == "alertmanager" and grafana:
+        return InvalidPayload(f"this is a Grafana webhook body (it has {', '.join(grafana)}): send it to "
+                              "/webhook/grafana, where Grafana's checks apply", 422)
+    if source == "grafana" and not grafana:
+        return InvalidPayload("this is not a Grafana webhook body (no orgId, state, title or message): "
+                              "Alertmanager sends to /webhook/alertmanager", 422)
+    return None
 
 
 def parse_webhook(body: bytes, source: WebhookSource) -> Notification:
@@ -235,7 +265,28 @@ class SendItem(BaseModel):
             return "give either message or useTemplate, not both"
         if not self.useTemplate and not (self.message or "").strip():
             return "message is required (or useTemplate: true)"
-        return None
+        return _unfit(self.message or "", "message") or _unfit(self.variables, "variables")
+
+
+# NUL and the other C0 controls but tab and newlines: no SMS carries them, PostgreSQL text
+# refuses NUL. (Lone surrogates never get this far: the JSON parser refuses them.)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _unfit(value: Any, where: str) -> str | None:
+    """The first string (key or value) holding a control character, or number that is not
+    finite (1e400 parses as infinity), in a JSON value; the parser bounds its nesting."""
+    if isinstance(value, str):
+        bad = _CONTROL.search(value)
+        return None if bad is None else f"{where}: holds a control character (U+{ord(bad.group()):04X})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: numbers must be finite"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{where}.{key!s:.40}"
+        if problem := (_unfit(key, here) if isinstance(key, str) else None) or _unfit(item, here):
+            return problem
+    return None
 
 
 def parse_send(body: bytes) -> list[SendItem | InvalidPayload]:
@@ -244,9 +295,10 @@ def parse_send(body: bytes) -> list[SendItem | InvalidPayload]:
     Each item is validated on its own, so one bad item does not reject the others.
     """
     try:
-        data = pydantic_core.from_json(body)
+        # no NaN or Infinity (1e400 is one): variables are rendered into texts
+        data = pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError as exc:
-        raise InvalidPayload(f"body is not valid JSON: {exc}", 400) from None
+        raise InvalidPayload(not_json(str(exc)), 400) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:

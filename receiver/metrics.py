@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -39,8 +40,10 @@ KNOWN_ERROR_CODES = (
     "26", "43", "45", "http", "network", "other",
 )
 FAIL_REASONS = ("rejected", "permanent", "dead")
-DELIVERY_STATUSES = ("delivered", "undelivered", "in_progress", "unknown")
+DELIVERY_STATUSES = ("delivered", "undelivered", "in_progress", "unknown",
+                     "invalid", "too_large", "unauthorized")  # the last three: requests refused
 REPLY_ACTIONS = ("recorded", "unknown_message")
+HTTP_CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "limit")
 
 # SMS latencies: a Clickatell request takes 100 ms to a few seconds; a page from webhook to
 # Clickatell should take well under a second and must be visible when it takes minutes.
@@ -54,6 +57,9 @@ DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 30
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        # process_* (resident memory, open fds, CPU seconds, start time), as every exporter has;
+        # on this registry, not the library's global one
+        ProcessCollector(registry=self.registry)
         self._children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
         r = self.registry
         p = "sms_receiver_"
@@ -208,6 +214,16 @@ class Metrics:
         self.dispatcher_last_run = Gauge(
             p + "dispatcher_last_run_timestamp_seconds", "When the dispatcher loop last ran.",
             registry=r,
+        )
+        self.http_closed = Counter(
+            p + "http_connections_closed_total",
+            "HTTP connections the listener closed: a phase timed out (header_timeout, body_timeout, "
+            "idle_timeout) or server.max_connections was reached (limit).", ["reason"], registry=r,
+        )
+        for reason in HTTP_CLOSE_REASONS:
+            self.http_closed.labels(reason)
+        self.http_connections = Gauge(
+            p + "http_connections", "HTTP connections open on the listener.", registry=r,
         )
         self.store = _StoreCollector()
         r.register(self.store)

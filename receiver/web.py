@@ -13,23 +13,27 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from receiver import __version__
 from receiver.app import Receiver
 from receiver.auth import (
+    PROXY_HEADERS,
+    Denied,
+    admin_denied,
+    callback_denied,
     challenge,
-    check_callback_secret,
-    check_credentials,
     check_grafana_signature,
+    webhook_denied,
 )
-from receiver.callbacks import parse_status_callback
+from receiver.callbacks import parse_form, parse_status_callback
 from receiver.config import AdminAuth, Config, parse_duration
 from receiver.ingest import (
     InvalidPayload,
     SendItem,
     dedup_key,
+    endpoint_problem,
     notification_of,
     parse_send,
     validate_webhook,
@@ -72,10 +76,13 @@ class _Refused(Exception):
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The body; raise :class:`_Refused` when it is larger than ``limit`` bytes or compressed
     (a few kilobytes of gzip inflate to gigabytes, past any limit on what was sent; no sender
-    of ours compresses)."""
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in ("", "identity"):
-        raise _Refused(415, f"Content-Encoding {encoding!r} is not accepted: send the body "
+    of ours compresses). Every Content-Encoding header and each of its codings is checked
+    ("identity, gzip" and a second header are compressed too); the server does not inflate
+    bodies itself (``auto_decompress`` is off in :func:`create_app`), so nothing was inflated."""
+    codings = [c.strip().lower() for h in request.headers.getall("Content-Encoding", ()) for c in h.split(",")]
+    if any(c not in ("", "identity") for c in codings):
+        shown = ", ".join(c for c in codings if c)[:40]
+        raise _Refused(415, f"Content-Encoding {shown!r} is not accepted: send the body "
                             "uncompressed", "invalid")
     length = request.content_length
     if length is not None:
@@ -95,19 +102,24 @@ def _too_large(limit: int) -> _Refused:
     return _Refused(413, f"body larger than max_body_bytes ({limit})", "too_large")
 
 
-def _unauthorized(auth: AdminAuth, realm: str) -> web.Response:
-    return _json(
-        {"status": "error", "error": "missing or wrong credentials"},
-        401,
-        headers={"WWW-Authenticate": challenge(auth, realm)},
-    )
+def _unauthorized(auth: AdminAuth, realm: str, denied: Denied | str) -> web.Response:
+    """A 401 (with its challenge) or 403 answer carrying the reason."""
+    if isinstance(denied, str):
+        denied = Denied(401, denied)
+    headers = {"WWW-Authenticate": challenge(auth, realm)} if denied.status == 401 else None
+    return _json({"status": "error", "error": denied.reason}, denied.status, headers=headers)
 
 
 def admin(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         auth = request.app[RECEIVER].config.admin_auth
-        if not check_credentials(auth, request.headers.get("Authorization")):
-            return _unauthorized(auth, "sms-receiver admin")
+        proxied = any(h in request.headers for h in PROXY_HEADERS)
+        denied = admin_denied(auth, request.headers.get("Authorization"), request.remote, proxied)
+        if denied is not None:
+            # the route's pattern, not the path: one line per refusal, nothing the client chose
+            log.warning("admin refused route=%s status=%d reason=%r",
+                        request.match_info.route.resource.canonical, denied.status, denied.reason)
+            return _unauthorized(auth, "sms-receiver admin", denied)
         return await handler(request)
 
     return wrapped
@@ -135,8 +147,10 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
                 source, outcome, response.status, details, (r.clock.monotonic() - start) * 1000)
         return response
 
-    if not check_credentials(cfg.webhook_auth, request.headers.get("Authorization")):
-        return done("unauthorized", _unauthorized(cfg.webhook_auth, "sms-receiver webhooks"))
+    denied = webhook_denied(cfg.webhook_auth, source, request.headers.get("Authorization"))
+    if denied is not None:
+        return done("unauthorized", _unauthorized(cfg.webhook_auth, "sms-receiver webhooks", denied),
+                    reason=repr(denied.reason))
     try:
         body = await _read_body(request, cfg.max_body_bytes)
     except _Refused as exc:
@@ -153,12 +167,15 @@ async def _answer(request: web.Request, source: Literal["alertmanager", "grafana
     r = request.app[RECEIVER]
     cfg, m = r.config, r.metrics
     if source == "grafana":
-        problem = check_grafana_signature(cfg.webhook_auth, request.headers, body)
+        problem = check_grafana_signature(cfg.webhook_auth, request.headers, body, r.clock.now())
         if problem:
-            return done("unauthorized", _unauthorized(cfg.webhook_auth, "sms-receiver webhooks"),
+            return done("unauthorized", _unauthorized(cfg.webhook_auth, "sms-receiver webhooks", problem),
                         reason=repr(problem))
     try:
         wire = validate_webhook(body, source)  # routing and rendering wait for the planner
+        wrong = endpoint_problem(wire, source)  # a Grafana body never skips Grafana's checks
+        if wrong is not None:
+            raise wrong
     except InvalidPayload as exc:
         return done("invalid", _error(exc.status, exc.reason), reason=repr(exc.reason))
     firing = sum(a.status == "firing" for a in wire.alerts)  # two increments, not one per alert
@@ -208,13 +225,11 @@ async def send(request: web.Request) -> web.Response:
     try:
         body = await _read_body(request, cfg.max_body_bytes)
     except _Refused as exc:
-        r.metrics.webhooks.labels("send", exc.outcome).inc()
-        return exc.response
+        return _refused_send(r, exc.outcome, exc.response, str(exc))
     try:
         items = parse_send(body)
     except InvalidPayload as exc:
-        r.metrics.webhooks.labels("send", "invalid").inc()
-        return _error(exc.status, exc.reason)
+        return _refused_send(r, "invalid", _error(exc.status, exc.reason), exc.reason)
 
     now = r.clock.now()
     answers: list[dict[str, Any]] = []
@@ -234,8 +249,8 @@ async def send(request: web.Request) -> web.Response:
             **({"templateError": msg.template_error} if msg.template_error else {}),
         })
     if not messages:
-        r.metrics.webhooks.labels("send", "invalid").inc()
-        return _json({"status": "error", "results": answers}, 422)
+        return _refused_send(r, "invalid", _json({"status": "error", "results": answers}, 422),
+                             answers[0]["error"])
     try:
         await r.store.accept(messages, now)
     except StoreError:
@@ -248,6 +263,13 @@ async def send(request: web.Request) -> web.Response:
     log.info("send items=%d accepted=%d", len(items), len(messages))
     return _json({"status": "partial" if partial else "accepted", "results": answers},
                  207 if partial else 202)
+
+
+def _refused_send(r: Receiver, outcome: str, response: web.Response, reason: str) -> web.Response:
+    """A refused ``/send``: counted (source "send") and logged in one line, as webhooks are."""
+    r.metrics.webhooks.labels("send", outcome).inc()
+    log.warning("send outcome=%s status=%d reason=%r", outcome, response.status, reason[:200])
+    return response
 
 
 def _send_item_problem(item: SendItem | InvalidPayload, cfg: Config) -> str | None:
@@ -265,30 +287,54 @@ def _send_item_problem(item: SendItem | InvalidPayload, cfg: Config) -> str | No
 # Clickatell callbacks
 
 
-def _callback_allowed(request: web.Request) -> bool:
-    given = request.query.get("secret", "") or request.headers.get("X-Callback-Secret", "")
-    return check_callback_secret(
-        request.app[RECEIVER].config.callbacks.secret.get_secret_value(), given
-    )
+def _callback_denied(request: web.Request) -> Denied | None:
+    # the path segment is what Clickatell's callback URL field should carry: a query string
+    # ends up in more logs
+    given = (request.match_info.get("secret"), request.headers.get("X-Callback-Secret"),
+             request.query.get("secret"))
+    return callback_denied(request.app[RECEIVER].config.callbacks, given)
+
+
+def _refused_callback(r: Receiver, outcome: str, response: web.Response, reason: str) -> web.Response:
+    """A refused delivery report: counted under its outcome (``invalid``, ``too_large``) in
+    ``delivery_reports_total`` and logged in one line (the secret is never part of it)."""
+    r.metrics.delivery_reports.labels(outcome).inc()
+    log.warning("callback outcome=%s status=%d reason=%r", outcome, response.status, reason[:200])
+    return response
+
+
+def _query_fields(request: web.Request) -> dict[str, str]:
+    """The query as fields, decoded strictly: invalid UTF-8 in a percent-escape is refused
+    rather than replaced (yarl would keep it as U+FFFD or as the escape)."""
+    try:  # aiohttp keeps undecodable bytes of the request line as surrogate escapes
+        raw = request.rel_url.raw_query_string.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ValueError("query is not valid UTF-8") from None
+    return parse_form(raw, "query")
 
 
 async def status_callback(request: web.Request) -> web.Response:
     r = request.app[RECEIVER]
-    if not _callback_allowed(request):
-        return _error(401, "missing or wrong callback secret")
+    denied = _callback_denied(request)
+    if denied is not None:  # counted and logged without the path or query: they may hold a secret
+        return _refused_callback(r, "unauthorized", _error(denied.status, denied.reason), denied.reason)
     if request.method == "POST":
         try:
             body = await _read_body(request, r.config.max_body_bytes)
         except _Refused as exc:
-            return exc.response
-        ctype = request.content_type
-        fields: Any = dict(await request.post()) if ctype.endswith("form-urlencoded") else body
-    else:
-        fields = dict(request.query)
+            return _refused_callback(r, exc.outcome, exc.response, str(exc))
     try:
+        if request.method != "POST":
+            fields: Any = _query_fields(request)
+        elif request.content_type.endswith("form-urlencoded"):
+            # parsed from the bytes read under the limit: request.post() would read the stream
+            # again (empty when it was chunked) and fail on invalid UTF-8
+            fields = parse_form(body)
+        else:
+            fields = body
         reports = parse_status_callback(fields)
     except ValueError as exc:
-        return _error(400, str(exc))
+        return _refused_callback(r, "invalid", _error(400, str(exc)), str(exc))
     now = r.clock.now()
     for report in reports:
         try:
@@ -508,15 +554,70 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@web.middleware
+async def _unexpected(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A bug signal, never a client fault: an exception no handler expected becomes a 500 with
+    a JSON reason and one error line with its traceback, naming the route, not the URL (a
+    query or path segment may hold a secret). aiohttp's answers and disconnects pass through."""
+    try:
+        return await handler(request)
+    except (web.HTTPException, ConnectionResetError):
+        raise
+    except Exception:
+        resource = request.match_info.route.resource
+        log.exception("unexpected error answering %s %s", request.method[:20],
+                      resource.canonical if resource is not None else "-")
+        return _error(500, "internal error")
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """The ``Expect`` header: ``100-continue`` is answered as aiohttp does; anything else is a
+    417 that does not echo the value (aiohttp's own handler answers 500 when it is not UTF-8)."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body is yet to come
+        return None
+    return _error(417, "unsupported Expect header (only 100-continue)")
+
+
+async def _no_route(request: web.Request) -> web.Response:
+    """Unknown paths and methods, answered here (so they too get :func:`_expect`): 405 with
+    ``Allow`` when another method has that path, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        response = _error(405, f"method {request.method[:20]!r} not allowed here")
+        response.headers["Allow"] = ",".join(sorted(allowed))
+        return response
+    return _error(404, "no such endpoint")
+
+
+def _guard_routes(app: web.Application) -> None:
+    """Last in :func:`create_app`: a catch-all route and our ``Expect`` handler on every route.
+    aiohttp runs the Expect handler before any middleware, and has no public setter for it."""
+    app.router.add_route("*", "/{path:.*}", _no_route)
+    for each in app.router.routes():
+        each._expect_handler = _expect  # type: ignore[attr-defined]
+
+
 def create_app(receiver: Receiver) -> web.Application:
-    """The aiohttp application; body limits are enforced per request from the live config."""
-    app = web.Application(client_max_size=1 << 30)
+    """The aiohttp application; body limits are enforced per request from the live config.
+    The server never inflates a compressed body itself (``auto_decompress`` off): a few
+    kilobytes of gzip would become gigabytes before any handler could refuse them."""
+    app = web.Application(client_max_size=1 << 30, middlewares=[_unexpected],
+                          handler_args={"auto_decompress": False})
     app[RECEIVER] = receiver
     app.router.add_post("/webhook/alertmanager", alertmanager_webhook)
     app.router.add_post("/webhook/grafana", grafana_webhook)
     app.router.add_post("/send", send)
     app.router.add_route("GET", "/callbacks/clickatell/status", status_callback)
     app.router.add_route("POST", "/callbacks/clickatell/status", status_callback)
+    app.router.add_route("GET", "/callbacks/clickatell/status/{secret}", status_callback)
+    app.router.add_route("POST", "/callbacks/clickatell/status/{secret}", status_callback)
     app.router.add_get("/api/v1/messages", list_messages)
     app.router.add_get("/api/v1/messages/{id}", get_message)
     app.router.add_get("/api/v1/groups", list_groups)
@@ -525,4 +626,5 @@ def create_app(receiver: Receiver) -> web.Application:
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/metrics", metrics)
+    _guard_routes(app)
     return app

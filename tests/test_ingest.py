@@ -1,8 +1,8 @@
 import json
 import pytest
 
-from receiver.callbacks import parse_status_callback
-from receiver.ingest import InvalidPayload, dedup_key, parse_send, parse_webhook, validate_webhook
+from receiver.callbacks import parse_form, parse_status_callback
+from receiver.ingest import InvalidPayload, SendItem, dedup_key, parse_send, parse_webhook, validate_webhook
 from receiver.models import AlertStatus
 from tests.helpers import fixture
 
@@ -139,3 +139,59 @@ def test_status_callbacks_carry_our_message_id():
 def test_a_status_code_that_is_no_number_is_a_clear_error(code):
     with pytest.raises(ValueError, match="statusCode"):
         parse_status_callback({"messageId": "api1", "statusCode": code})
+
+
+@pytest.mark.parametrize("code", [True, 4.0, 4.5, float("nan"), "-4", "0x10", "٤", 10**30, -1, "1" * 5000])
+def test_a_status_code_must_be_a_whole_number_in_range(code):
+    """True is 1 and 4.0 is 4 to int(); neither is a Clickatell status code."""
+    with pytest.raises(ValueError, match="statusCode"):
+        parse_status_callback({"messageId": "api1", "statusCode": code})
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"messageId": "a\ud800", "statusCode": "4"}, "messageId holds a control character or a lone surrogate"),
+    ({"messageId": "a\x00", "statusCode": "4"}, "messageId holds"),
+    ({"messageId": {"a": 1}, "statusCode": "4"}, "messageId must be a string"),
+    ({"messageId": "a" * 201, "statusCode": "4"}, "messageId is longer than 200"),
+    ({"messageId": "a", "clientMessageId": "b\udc80", "statusCode": "4"}, "clientMessageId holds"),
+    ({"messageId": "a", "statusCode": "4", "status": "x\n"}, "status holds"),
+])
+def test_report_strings_are_safe_to_store(fields, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_status_callback(fields)
+
+
+@pytest.mark.parametrize("body,needle", [
+    (b"[" * 3000 + b"]" * 3000, "recursion limit"),  # json.loads: RecursionError
+    (b'{"messageId": "a\\ud800", "statusCode": 4}', "not valid JSON"),
+    (b'{"messageId": "a\xff", "statusCode": 4}', "not valid JSON"),
+])
+def test_callback_json_is_parsed_safely(body, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_status_callback(body)
+
+
+def test_form_bodies_are_strict_utf8():
+    assert parse_form(b"messageId=a%C3%A9&statusCode=4&x=") == {"messageId": "aé", "statusCode": "4", "x": ""}
+    for bad in (b"messageId=a%ff", b"messageId=\xff", b"messageId=%ED%A0%80"):
+        with pytest.raises(ValueError, match="not valid UTF-8"):
+            parse_form(bad)
+
+
+@pytest.mark.parametrize("item,needle", [
+    ({"groupId": "db", "message": "a\x00b"}, "message: holds a control character (U+0000)"),
+    ({"groupId": "db", "useTemplate": True, "variables": {"a": ["ok", "\x1b[2J"]}}, "variables.a.1: holds"),
+    ({"groupId": "db", "useTemplate": True, "variables": {"k\x07": 1}}, "variables.k\x07: holds"),
+])
+def test_send_items_refuse_control_characters(item, needle):
+    (parsed,) = parse_send(json.dumps(item).encode())
+    assert isinstance(parsed, InvalidPayload) and needle in parsed.reason
+
+
+def test_send_refuses_non_finite_numbers():
+    (big,) = parse_send(b'{"groupId": "db", "useTemplate": true, "variables": {"a": [1e400]}}')
+    assert isinstance(big, InvalidPayload) and big.reason == "variables.a.0: numbers must be finite"
+    with pytest.raises(InvalidPayload, match="not valid JSON"):
+        parse_send(b'{"groupId": "db", "useTemplate": true, "variables": {"a": NaN}}')
+    (fine,) = parse_send(b'{"groupId": "db", "message": "tab\\tand\\nnewline", "variables": {"x": 2.5}}')
+    assert isinstance(fine, SendItem)
