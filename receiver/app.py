@@ -79,6 +79,9 @@ class Receiver:
         self._reload_lock = asyncio.Lock()
         self.last_reload_ok = True
         self.last_reload_success: float | None = None
+        # Called by reload() with a valid new config before it is used; each returns its errors
+        # (none: it applied its part). The CLI's listener re-reads its TLS files here.
+        self.reload_hooks: list[Callable[[Config], list[str]]] = []
 
     def _reloaded(self, ok: bool) -> None:
         self.last_reload_ok = ok
@@ -239,6 +242,12 @@ class Receiver:
                 self._reloaded(False)
                 log.error("config reload failed, keeping the running config:\n  %s", problem)
                 return [problem]
+            # the listener re-reads its TLS files (each hook applies the new config or says why not)
+            problems = [p for hook in self.reload_hooks for p in hook(new)]
+            if problems:
+                self._reloaded(False)
+                log.error("config reload failed, keeping the running config:\n  %s", "\n  ".join(problems))
+                return problems
             for key in ("listen", "storage"):
                 if getattr(new, key) != getattr(old, key):
                     log.warning("config reload: %s changed; it takes effect after a restart", key)

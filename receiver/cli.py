@@ -41,35 +41,93 @@ def _throttle_text(cfg: Config) -> str:
 # run
 
 
+class ListenError(Exception):
+    """The listening socket could not be opened: one line, said before anything else started."""
+
+
+def _listen_error(listen: str, exc: OSError) -> ListenError:
+    import errno
+    import os
+
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    hint = {errno.EADDRINUSE: " (is another sms-receiver running?)",
+            errno.EACCES: " (ports below 1024 need privileges)",
+            errno.EADDRNOTAVAIL: " (no interface of this machine has that address)"}.get(exc.errno or 0, "")
+    return ListenError(f"cannot listen on {listen}: {reason}{hint}")
+
+
+def _open_files_limit(wanted: int) -> None:
+    """Raise the soft open-files limit to the hard one (as Go programs do at start: the soft
+    default of 1,024 is for select()-era programs), and warn when server.max_connections still
+    does not fit: at the limit accept() fails and nobody gets in, the cap would close idle
+    connections first instead."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and wanted > soft - FD_RESERVE:
+        log.warning("server.max_connections %d does not fit the open-files limit %d (ulimit -n, "
+                    "LimitNOFILE=) minus %d for the outbox and Clickatell: lower it or raise the "
+                    "limit", wanted, soft, FD_RESERVE)
+
+
+FD_RESERVE = 100  # file descriptors kept for everything but the listener's connections
+
+
 async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
-    """Serve until SIGTERM/SIGINT (0), or until the receiver fails for good (1: restart me)."""
+    """Serve until SIGTERM/SIGINT (0), or until the receiver fails for good (1: restart me).
+    The port is bound first, so a taken port is one error line and nothing else started."""
     from aiohttp import web
 
     from receiver.app import Receiver
+    from receiver.clock import SystemClock
+    from receiver.listener import Listener
+    from receiver.metrics import Metrics
     from receiver.web import create_app
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     broken: list[str] = []
-    receiver = Receiver(cfg, config_path=config_path)
+    metrics, clock = Metrics(), SystemClock()
+    listener = Listener(settings=lambda: cfg.server, metrics=metrics, clock=clock,
+                        base_dir=config_path.parent)
+    listener.load_tls(cfg)
+    host, port = split_listen(listen)
+    try:
+        await listener.bind(host, port)
+    except OSError as exc:
+        raise _listen_error(listen, exc) from None
+    _open_files_limit(cfg.server.max_connections)
+    receiver = Receiver(cfg, config_path=config_path, metrics=metrics, clock=clock)
+    listener.guard.settings = lambda: receiver.config.server  # the live config's: a reload applies
+    receiver.reload_hooks.append(listener.reload_tls)
 
     def on_fatal(reason: str) -> None:
         broken.append(reason)
         stop.set()
 
     receiver.on_fatal = on_fatal
-    runner = web.AppRunner(create_app(receiver), access_log=None, handle_signals=False)
+    app = create_app(receiver)
+    listener.install(app)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     try:
         await receiver.start()
         await runner.setup()
-        host, port = split_listen(listen)
-        await web.TCPSite(runner, host, port, backlog=1024).start()
+        await listener.serve(runner)
     except BaseException:
+        await listener.close()
         await runner.cleanup()
         await receiver.stop()
         raise
     gc_tuning.settle()
-    log.info("sms-receiver %s listening on http://%s (storage %s)", __version__, listen, cfg.storage)
+    bound = f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"  # port 0: the one taken
+    log.info("sms-receiver %s listening on %s://%s (storage %s)", __version__, listener.scheme, bound,
+             cfg.storage)
 
     reloads: set[asyncio.Task[list[str]]] = set()
 
@@ -87,6 +145,7 @@ async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
                      "receiver", broken[0])
     else:
         log.info("shutting down: finishing requests and sends in flight")
+    await listener.close()
     await runner.cleanup()
     await receiver.stop()
     return 1 if broken else 0
@@ -107,22 +166,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_or_report(args.config)
     if cfg is None:
         return 1
-    setup_logging(args.log_format or cfg.log_format)
+    setup_logging(args.log_format or cfg.log_format, args.log_level or cfg.log_level)
     listen = args.listen or cfg.listen
     try:
         split_listen(listen)
     except ValueError:
         print(f"--listen: {listen!r} is not HOST:PORT", file=sys.stderr)
         return 2
+    from receiver.listener import TlsError
     from receiver.store import StoreError
 
     try:
         return asyncio.run(_serve(cfg, Path(args.config), listen))
-    except StoreError as exc:
+    except TlsError as exc:
+        print(f"invalid config {args.config}:\n  {exc}", file=sys.stderr)
+        return 1
+    except (StoreError, ListenError) as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:
-        log.error("cannot listen on %s: %s", listen, exc.strerror or exc)
+        log.error("cannot start: %s", exc.strerror or exc)
         return 1
 
 
@@ -136,6 +199,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for line in exc.errors:
             print(line)
+        return 1
+    from receiver.listener import TlsError, load_tls
+
+    try:  # what run would load: the listener's certificate and key
+        load_tls(cfg.server.tls, Path(args.file).parent)
+    except TlsError as exc:
+        print(exc)
         return 1
     for warning in config_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
@@ -250,15 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the receiver")
     run.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
     run.add_argument("--listen", help="HOST:PORT, overriding the config's listen")
-    run.add_argument("--log-format", choices=("text", "json"), help="overrides log_format")
+    run.add_argument("--log-format", choices=("text", "json"), help="overrides the config's log_format")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     help="overrides the config's log_level (default info; debug also logs every "
+                     "accepted webhook)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file")
-    check.add_argument("file")
+    check.add_argument("file", help="the config file to check (as run would load it, TLS files included)")
     check.set_defaults(func=cmd_check_config)
 
     render = sub.add_parser("render", help="print the SMS a payload would produce; sends nothing")
-    render.add_argument("--config", required=True)
+    render.add_argument("--config", required=True, help="the config file whose routes and templates apply")
     render.add_argument("--payload", required=True, help="a webhook body (JSON file)")
     render.add_argument("--source", choices=("alertmanager", "grafana"),
                         help="default: guessed from the payload")
