@@ -41,6 +41,22 @@ def row(pid, title, y, description=""):
 
 
 RATE = "$__rate_interval"
+# Rare events (failures, dead letters, holds, ...) are counts per bar, not per-second rates: an
+# increase over the panel's step ($__interval, at least COUNT_STEP so that each window holds two
+# scrapes), drawn as bars. An increase over $__rate_interval would count each event in several bars.
+IV = "$__interval"
+COUNT_STEP = "2m"
+
+
+def counts(p: dict) -> dict:
+    """The panel as counts per interval: bars, a minimum step, and the unit said in the title."""
+    p["interval"] = COUNT_STEP
+    p["title"] += " (count per interval)"
+    p["fieldConfig"]["defaults"].update(unit="short", decimals=0,
+                                        custom={"drawStyle": "bars", "fillOpacity": 60, "lineWidth": 1})
+    return p
+
+
 panels = [
     stat(1, "Pending pages", f"sum(sms_receiver_outbox_pending_messages{{{SEL}}})", 0, 0,
          thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 10}, {"color": "red", "value": 100}]),
@@ -57,16 +73,16 @@ panels = [
     panel(10, "Webhooks by source and outcome",
           [(f"sum by (source, outcome) (rate(sms_receiver_webhooks_received_total{{{SEL}}}[{RATE}]))", "{{source}} {{outcome}}")],
           0, 4, unit="reqps"),
-    panel(11, "Alerts received",
-          [(f"sum by (source, status) (rate(sms_receiver_alerts_received_total{{{SEL}}}[{RATE}]))", "{{source}} {{status}}"),
-           (f"sum by (reason) (rate(sms_receiver_alerts_unrouted_total{{{SEL}}}[{RATE}]))", "unrouted: {{reason}}")],
-          12, 4, unit="short"),
-    panel(12, "SMS by group: sent, failed, deduplicated, throttled",
-          [(f"sum by (group) (rate(sms_receiver_sms_sent_total{{{GSEL}}}[{RATE}]))", "sent {{group}}"),
-           (f"sum by (group, reason) (rate(sms_receiver_sms_failed_total{{{GSEL}}}[{RATE}]))", "failed {{group}} ({{reason}})"),
-           (f"sum by (group) (rate(sms_receiver_sms_deduplicated_total{{{GSEL}}}[{RATE}]))", "deduplicated {{group}}"),
-           (f"sum by (group) (rate(sms_receiver_sms_throttled_total{{{GSEL}}}[{RATE}]))", "throttled {{group}}")],
-          0, 12, w=24),
+    counts(panel(11, "Alerts received",
+          [(f"sum by (source, status) (increase(sms_receiver_alerts_received_total{{{SEL}}}[{IV}]))", "{{source}} {{status}}"),
+           (f"sum by (reason) (increase(sms_receiver_alerts_unrouted_total{{{SEL}}}[{IV}]))", "unrouted: {{reason}}")],
+          12, 4)),
+    counts(panel(12, "SMS by group: sent, failed, deduplicated, throttled",
+          [(f"sum by (group) (increase(sms_receiver_sms_sent_total{{{GSEL}}}[{IV}]))", "sent {{group}}"),
+           (f"sum by (group, reason) (increase(sms_receiver_sms_failed_total{{{GSEL}}}[{IV}]))", "failed {{group}} ({{reason}})"),
+           (f"sum by (group) (increase(sms_receiver_sms_deduplicated_total{{{GSEL}}}[{IV}]))", "deduplicated {{group}}"),
+           (f"sum by (group) (increase(sms_receiver_sms_throttled_total{{{GSEL}}}[{IV}]))", "throttled {{group}}")],
+          0, 12, w=24)),
     panel(13, "Delivery latency (webhook accepted → Clickatell accepted)",
           [(f"histogram_quantile({q}, sum by (le) (rate(sms_receiver_delivery_latency_seconds_bucket{{{SEL}}}[{RATE}])))", f"p{int(q * 100)}")
            for q in (0.5, 0.9, 0.99)],
@@ -77,41 +93,43 @@ panels = [
     panel(15, "Clickatell requests by outcome and HTTP status",
           [(f"sum by (api, outcome, status_code) (rate(sms_receiver_clickatell_requests_total{{{SEL}}}[{RATE}]))", "{{api}} {{outcome}} {{status_code}}")],
           0, 28, unit="reqps"),
-    panel(16, "Clickatell errors by code",
-          [(f"sum by (code) (increase(sms_receiver_clickatell_errors_total{{{SEL}}}[{RATE}])) > 0", "{{code}}")],
-          12, 28),
+    counts(panel(16, "Clickatell errors by code",
+          [(f"sum by (code) (increase(sms_receiver_clickatell_errors_total{{{SEL}}}[{IV}])) > 0", "{{code}}")],
+          12, 28)),
     panel(17, "Outbox: pending and oldest age",
           [(f"sum(sms_receiver_outbox_pending_messages{{{SEL}}})", "pending"),
            (f"max(sms_receiver_outbox_oldest_pending_age_seconds{{{SEL}}})", "oldest age (s)")],
           0, 36),
     panel(18, "Outbox by state",
           [(f"sum by (state) (sms_receiver_outbox_messages{{{SEL}}})", "{{state}}")], 12, 36),
-    panel(19, "Dead letters and template failures",
-          [(f"sum by (group) (increase(sms_receiver_dead_letters_total{{{GSEL}}}[{RATE}]))", "dead {{group}}"),
-           (f"sum by (group) (increase(sms_receiver_template_failures_total{{{GSEL}}}[{RATE}]))", "template failed {{group}}")],
-          0, 44),
-    panel(20, "Delivery reports by status",
-          [(f"sum by (status) (rate(sms_receiver_delivery_reports_total{{{SEL}}}[{RATE}]))", "{{status}}")], 12, 44),
+    counts(panel(19, "Dead letters and template failures",
+          [(f"sum by (group) (increase(sms_receiver_dead_letters_total{{{GSEL}}}[{IV}]))", "dead {{group}}"),
+           (f"sum by (group) (increase(sms_receiver_template_failures_total{{{GSEL}}}[{IV}]))", "template failed {{group}}")],
+          0, 44)),
+    counts(panel(20, "Delivery reports by status",
+          [(f"sum by (status) (increase(sms_receiver_delivery_reports_total{{{SEL}}}[{IV}]))", "{{status}}")], 12, 44)),
     panel(21, "Clickatell balance",
           [(f"sms_receiver_clickatell_balance{{{SEL}}}", "{{account}} ({{currency}})"),
-           (f"sum by (account) (increase(sms_receiver_clickatell_balance_poll_failures_total{{{SEL}}}[{RATE}]))", "poll failures {{account}}")],
-          0, 52),
-    panel(22, "SMS parts sent (billed) by group",
-          [(f"sum by (group) (increase(sms_receiver_sms_parts_sent_total{{{GSEL}}}[{RATE}]))", "{{group}}")], 12, 52),
+           (f"sum by (account) (increase(sms_receiver_clickatell_balance_poll_failures_total{{{SEL}}}[{IV}]))", "poll failures per interval {{account}}")],
+          0, 52, interval=COUNT_STEP),
+    counts(panel(22, "SMS parts sent (billed) by group",
+          [(f"sum by (group) (increase(sms_receiver_sms_parts_sent_total{{{GSEL}}}[{IV}]))", "{{group}}")], 12, 52)),
     panel(23, "Config reloads and dispatcher",
           [(f"sms_receiver_config_last_reload_successful{{{SEL}}}", "reload ok {{instance}}"),
            (f"time() - sms_receiver_dispatcher_last_run_timestamp_seconds{{{SEL}}}", "dispatcher idle (s) {{instance}}")],
           0, 60),
     panel(25, "Flood control: held and summaries",
           [(f"sum(sms_receiver_outbox_held_recipients{{{SEL}}})", "held by throttle now"),
-           (f"sum by (group, reason) (increase(sms_receiver_messages_held_total{{{GSEL}}}[{RATE}]))", "held {{group}} ({{reason}})"),
-           (f"sum by (group) (increase(sms_receiver_messages_suppressed_total{{{GSEL}}}[{RATE}]))", "suppressed {{group}}"),
-           (f"sum by (kind) (increase(sms_receiver_summaries_total{{{SEL}}}[{RATE}]))", "summaries: {{kind}}"),
-           (f"sum by (kind) (increase(sms_receiver_alerts_collapsed_total{{{SEL}}}[{RATE}]))", "collapsed: {{kind}}")],
-          0, 68),
-    panel(26, "Alerts per summary SMS (p50, max)",
+           (f"sum by (group, reason) (increase(sms_receiver_messages_held_total{{{GSEL}}}[{IV}]))", "held per interval {{group}} ({{reason}})"),
+           (f"sum by (group) (increase(sms_receiver_messages_suppressed_total{{{GSEL}}}[{IV}]))", "suppressed per interval {{group}}"),
+           (f"sum by (kind) (increase(sms_receiver_summaries_total{{{SEL}}}[{IV}]))", "summaries per interval: {{kind}}"),
+           (f"sum by (kind) (increase(sms_receiver_alerts_collapsed_total{{{SEL}}}[{IV}]))", "collapsed per interval: {{kind}}")],
+          0, 68, interval=COUNT_STEP),
+    # the mean from the histogram's _sum and _count: histogram_quantile(1, ...) is a bucket bound
+    panel(26, "Alerts per summary SMS (p50, mean)",
           [(f"histogram_quantile(0.5, sum by (le, kind) (rate(sms_receiver_summary_alerts_bucket{{{SEL}}}[{RATE}])))", "p50 {{kind}}"),
-           (f"histogram_quantile(1, sum by (le, kind) (rate(sms_receiver_summary_alerts_bucket{{{SEL}}}[{RATE}])))", "max {{kind}}")],
+           (f"sum by (kind) (rate(sms_receiver_summary_alerts_sum{{{SEL}}}[{RATE}]))"
+            f" / sum by (kind) (rate(sms_receiver_summary_alerts_count{{{SEL}}}[{RATE}]))", "mean {{kind}}")],
           12, 68),
     panel(24, "Versions", [(f"sms_receiver_build_info{{{SEL}}}", "{{instance}} {{version}} python {{python}}")], 12, 60,
           kind="table"),
@@ -136,14 +154,14 @@ panels += [
           [(f"sum by (instance) (sms_receiver_store_waiting{{{SEL}}})", "{{instance}}")],
           14, 77, w=10, description="Outbox operations waiting for a pooled connection: lasting waits mean "
                                     "the pool is too small or queries are slow (alert SmsReceiverStorePoolSaturated)."),
-    panel(31, "Outbox database errors",
-          [(f"sum by (instance) (rate(sms_receiver_store_errors_total{{{SEL}}}[{RATE}]))", "{{instance}}")],
-          0, 85, unit="ops", description="Outbox operations that failed on the database or its connection "
-                                         "(PostgreSQL down, restarting, unreachable): webhooks get 503 meanwhile."),
-    panel(32, "Claims taken over (possible duplicate SMS)",
-          [(f"sum by (instance) (increase(sms_receiver_claims_taken_over_total{{{SEL}}}[{RATE}]))", "{{instance}}")],
+    counts(panel(31, "Outbox database errors",
+          [(f"sum by (instance) (increase(sms_receiver_store_errors_total{{{SEL}}}[{IV}]))", "{{instance}}")],
+          0, 85, description="Outbox operations that failed on the database or its connection "
+                             "(PostgreSQL down, restarting, unreachable): webhooks get 503 meanwhile.")),
+    counts(panel(32, "Claims taken over (possible duplicate SMS)",
+          [(f"sum by (instance) (increase(sms_receiver_claims_taken_over_total{{{SEL}}}[{IV}]))", "{{instance}}")],
           12, 85, description="Messages claimed after another claim on them ran out (a replica died or lost the "
-                              "database mid-send; SQLite: released at start): each may have been sent twice."),
+                              "database mid-send; SQLite: released at start): each may have been sent twice.")),
 ]
 
 dashboard = {

@@ -22,17 +22,19 @@ import logging
 import time
 from collections.abc import Callable
 
+from receiver.config import Config
 from receiver.ingest import parse_webhook
 from receiver.metrics import Metrics
-from receiver.models import NewMessage, Notification
+from receiver.models import Alert, AlertStatus, NewMessage, Notification
 from receiver.pipeline import Plan, Snapshot, plan_notification
-from receiver.routing import RoutingResult
+from receiver.routing import RoutingResult, alert_level, matched_groups
 from receiver.store import Planned, Store, StoreError
 
 log = logging.getLogger("sms_receiver.planner")
 
 BATCH = 25  # notifications per transaction: a webhook commit waits behind at most one (~3 ms)
 SHARE = 0.05  # of the event loop's time, at most, while webhooks are being answered
+_DROPPED_SHOWN = 10  # alerts named in a notification's "dropped" line: a storm's stays one line
 
 
 class Planner:
@@ -117,6 +119,9 @@ class Planner:
                 log.info("planned %s notification: alerts=%d group_key=%r messages=%s",
                          notification.source, len(notification.alerts), notification.group_key,
                          ",".join(_describe(m) for m in plan.messages) or "-")
+                if plan.routing.filtered and log.isEnabledFor(logging.INFO):
+                    log.info("%s notification group_key=%r: dropped %s", notification.source,
+                             notification.group_key, _dropped(plan.routing.filtered, snap.config))
             self._metrics.planning_failures.inc(len(plans) - len(counted))
             self._spent += time.perf_counter() - started
             self._planned()
@@ -137,6 +142,27 @@ def _count_unrouted(m: Metrics, notification: Notification, routing: RoutingResu
                     ", ".join(a.labels.get("alertname", "?") for a in routing.unrouted[:10]))
     if routing.filtered:
         m.child(m.alerts_unrouted, source, "filtered").inc(len(routing.filtered))
+
+
+def _dropped(alerts: tuple[Alert, ...], cfg: Config) -> str:
+    """Why each alert that matched groups was taken by none of them: for every group it matched,
+    the group's id and the rule that excluded it (its level, or its send_resolved). One string,
+    so that a notification's drops are one log line."""
+    parts = []
+    for alert in alerts[:_DROPPED_SHOWN]:
+        level = alert_level(alert, cfg)
+        reasons = []
+        for gid in matched_groups(alert, cfg):
+            group = cfg.group(gid)
+            if group is None:
+                reasons.append(f"{gid}: no such group")
+            elif cfg.level_rank(level) > cfg.level_rank(cfg.group_level(group)):
+                reasons.append(f"{gid}: level {level} is below the group's {cfg.group_level(group)}")
+            elif alert.status is AlertStatus.RESOLVED and not group.send_resolved:
+                reasons.append(f"{gid}: resolved, and the group has send_resolved off")
+        parts.append(f"{alert.labels.get('alertname', '?')} ({alert.status.value}; {'; '.join(reasons)})")
+    more = len(alerts) - _DROPPED_SHOWN
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
 def _describe(message: NewMessage) -> str:

@@ -3,8 +3,10 @@ with the Deployment's container args, under its security context, with only its 
 writable.
 
 A private mount namespace (``unshare --mount``) stands in for the container: the outbox volume is
-a mount of its own, ``/`` is remounted read-only (``readOnlyRootFilesystem``, so neither ``/tmp``
-nor ``/var/tmp`` is writable), ``/dev/shm`` is a fresh tmpfs (a pod has its own), and
+a mount of its own, ``/`` is remounted read-only (``readOnlyRootFilesystem``: ``/var/tmp`` is not
+writable), each ``emptyDir`` (``/tmp``) is a fresh tmpfs of its ``sizeLimit`` (where the test's
+own interpreter lives under one, e.g. a venv in /tmp, that directory is put back on top,
+read-only: a container's code is elsewhere), ``/dev/shm`` is a fresh tmpfs (a pod has its own), and
 ``setpriv`` drops to ``runAsUser``, the primary group (``runAsGroup``, else 0 as Kubernetes
 does), ``fsGroup`` as the supplementary group, no capabilities (``drop: [ALL]``) and
 ``no_new_privs`` (``allowPrivilegeEscalation: false``). The mounts go away with the process.
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -146,10 +149,30 @@ class Manifest:
     def writable_mounts(self) -> list[dict[str, Any]]:
         return [m for m in self.mounts.values() if not m.get("readOnly")]
 
+    def kind(self, mount: dict[str, Any]) -> str:
+        """The kind of volume a mount is (``persistentVolumeClaim``, ``emptyDir``, ...)."""
+        (kind,) = set(self.volumes[mount["name"]]) - {"name"}
+        return kind
+
     @property
     def data_mount(self) -> str:
-        (mount,) = self.writable_mounts
+        """The outbox's volume: the writable mount that outlives the pod."""
+        (mount,) = [mt for mt in self.writable_mounts if self.kind(mt) == "persistentVolumeClaim"]
         return mount["mountPath"]
+
+    @property
+    def has_data(self) -> bool:
+        return any(self.kind(mt) == "persistentVolumeClaim" for mt in self.writable_mounts)
+
+    @property
+    def empty_dirs(self) -> dict[str, str]:
+        """The emptyDir mounts: mountPath → tmpfs size (from sizeLimit, 16m if none)."""
+        out = {}
+        for mt in self.writable_mounts:
+            if self.kind(mt) == "emptyDir":
+                limit = str(self.volumes[mt["name"]]["emptyDir"].get("sizeLimit", "16Mi"))
+                out[mt["mountPath"]] = limit.removesuffix("i").lower()
+        return out
 
     @property
     def storage_path(self) -> str:
@@ -180,10 +203,12 @@ def test_the_manifest_runs_the_receiver_locked_down():
     assert m.security("allowPrivilegeEscalation") is False
     assert m.container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert m.container["args"][0] == "run"
-    # one writable volume, the outbox's persistent volume; no emptyDir for /tmp or anything else
-    assert len(m.writable_mounts) == 1
-    assert "persistentVolumeClaim" in m.volumes[m.writable_mounts[0]["name"]]
-    assert not [v for v in m.volumes.values() if "emptyDir" in v or "hostPath" in v]
+    # two writable volumes: the outbox's persistent volume, and a small in-memory /tmp for
+    # libraries that want one (the receiver itself needs none: tested below, it stays empty)
+    assert sorted((mt["mountPath"], m.kind(mt)) for mt in m.writable_mounts) == sorted(
+        [(m.data_mount, "persistentVolumeClaim"), ("/tmp", "emptyDir")])
+    assert m.volumes[m.mounts["tmp"]["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Mi"}
+    assert not [v for v in m.volumes.values() if "hostPath" in v]
     # the config the args name is the ConfigMap's, and the outbox is on the writable volume
     assert under(m.config_path, m.config_mount)
     assert under(m.storage_path, m.data_mount), (
@@ -196,14 +221,24 @@ def test_the_manifest_runs_the_receiver_locked_down():
 # The container, simulated
 
 # Runs as root in the new mount namespace, then execs setpriv (its arguments follow the data
-# directory, "" for a pod without one): the volume becomes a mount of its own, which stays
-# writable when / turns read-only.
+# directory, "" for a pod without one; the emptyDirs, "PATH=SIZE ..."; the directories to keep
+# visible under them, "DIR=STASH ..."): the volume becomes a mount of its own, which stays
+# writable when / turns read-only; each emptyDir a fresh tmpfs.
 NAMESPACE = r"""
 set -eu
-data=$1; shift
+data=$1; empties=$2; keeps=$3; shift 3
+for k in $keeps; do
+  mount --bind "${k%%=*}" "${k#*=}"; mount -o remount,bind,ro "${k#*=}"
+done
 [ -z "$data" ] || mount --bind "$data" "$data"
 mount -o remount,bind,ro /
 mount -t tmpfs -o nosuid,nodev,mode=1777,size=64m shm /dev/shm
+for e in $empties; do
+  mount -t tmpfs -o "nosuid,nodev,mode=1777,size=${e#*=}" emptydir "${e%%=*}"
+done
+for k in $keeps; do
+  mkdir -p "${k%%=*}"; mount --bind "${k#*=}" "${k%%=*}"; mount -o remount,bind,ro "${k%%=*}"
+done
 cd /
 exec "$@"
 """
@@ -234,7 +269,7 @@ class Pod:
     def __init__(self, m: Manifest, scratch: Path, unshare: str, setpriv: str) -> None:
         self.m, self.scratch = m, scratch
         self.unshare, self.setpriv = unshare, setpriv
-        self.data = self.host(m.data_mount) if m.writable_mounts else None  # None: nothing writable
+        self.data = self.host(m.data_mount) if m.has_data else None  # None: no outbox volume
         self.config = self.host(m.config_path)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -244,7 +279,8 @@ class Pod:
         return self.scratch / path.lstrip("/")
 
     def _relocated(self, value: str) -> str:
-        mounts = [mount["mountPath"] for mount in self.m.mounts.values()]
+        mounts = [mount["mountPath"] for mount in self.m.mounts.values()
+                  if mount["mountPath"] not in self.m.empty_dirs]  # those are the pod's own tmpfs
         return str(self.host(value)) if any(under(value, p) for p in mounts) else value
 
     def prepare(self, config: dict[str, Any], secrets: dict[str, str] | None = None) -> None:
@@ -260,7 +296,7 @@ class Pod:
         if self.data is not None:
             self.data.mkdir(parents=True)
             self.fs_group()
-        for d in {d for f in [*files, *filter(None, [self.data])] for d in f.parents}:
+        for d in {d for f in [*files, *filter(None, [self.data])] for d in f.parents} | {self.scratch}:
             if d.is_relative_to(self.scratch):
                 d.chmod(0o755)
 
@@ -277,10 +313,25 @@ class Pod:
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                 **{k: self._relocated(v) for k, v in self.m.env.items()}}
 
+    def keeps(self) -> dict[str, Path]:
+        """The test interpreter's directories under an emptyDir's mountPath (a venv in /tmp, say),
+        and where each is set aside while the tmpfs is mounted."""
+        needed = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent, ROOT}
+        out = {}
+        for i, d in enumerate(sorted(needed)):
+            if any(d.is_relative_to(e) for e in self.m.empty_dirs):
+                assert " " not in str(d), d
+                stash = self.scratch / ".keep" / str(i)
+                stash.mkdir(parents=True, exist_ok=True)
+                out[str(d)] = stash
+        return out
+
     def command(self, argv: list[str]) -> list[str]:
         groups = ",".join(map(str, self.m.groups))
+        empties = " ".join(f"{path}={size}" for path, size in self.m.empty_dirs.items())
+        keeps = " ".join(f"{d}={stash}" for d, stash in self.keeps().items())
         return [self.unshare, "--mount", "--propagation", "private", "--",
-                "sh", "-c", NAMESPACE, "pod", str(self.data or ""),
+                "sh", "-c", NAMESPACE, "pod", str(self.data or ""), empties, keeps,
                 self.setpriv, f"--reuid={self.m.uid}", f"--regid={self.m.gid}",
                 f"--groups={groups}" if groups else "--clear-groups",
                 "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--", *argv]
@@ -359,6 +410,12 @@ async def started(pod: Pod, http: aiohttp.ClientSession, url: str, log: Path) ->
     return proc
 
 
+def written_to_tmp(pod: Pod, pid: int) -> list[str]:
+    """What the process wrote to its emptyDir /tmp (but the directories the test put back)."""
+    kept = {PurePosixPath(d).relative_to("/tmp").parts[0] for d in pod.keeps() if under(d, "/tmp")}
+    return sorted(set(os.listdir(f"/proc/{pid}/root/tmp")) - kept)
+
+
 def records(log: Path) -> list[dict[str, Any]]:
     """The receiver's log (``log_format: json`` in the ConfigMap), one record a line."""
     return [json.loads(line) for line in log.read_text(errors="replace").splitlines()
@@ -376,7 +433,7 @@ def test_the_simulated_container_can_write_its_volume_and_nothing_else(pod: Pod,
     assert (seen["uid"], seen["gid"], seen["groups"]) == (MANIFEST.uid, MANIFEST.gid, MANIFEST.groups)
     assert (seen["cap_eff"], seen["cap_bnd"], seen["no_new_privs"]) == (0, 0, 1)
     writable = {name: seen["writable"][path] for name, path in places.items()}
-    assert writable == {"/tmp": "EROFS", "/var/tmp": "EROFS", "/": "EROFS", "config": "EROFS",
+    assert writable == {"/tmp": "yes", "/var/tmp": "EROFS", "/": "EROFS", "config": "EROFS",
                         "data": "yes", "/dev/shm": "yes"}
     assert list(pod.data.iterdir()) == []
 
@@ -409,6 +466,7 @@ async def test_the_receiver_starts_and_pages_with_only_its_volume_writable(
     assert {p.name for p in pod.data.iterdir()} <= OUTBOX_FILES
     assert {"outbox.db", "outbox.db.lock"} <= {p.name for p in pod.data.iterdir()}
     assert os.listdir(f"/proc/{proc.pid}/root/dev/shm") == []
+    assert written_to_tmp(pod, proc.pid) == []  # the emptyDir /tmp is spare: it needs none
     assert {p.relative_to(pod.scratch) for p in pod.scratch.rglob("*") if p.is_file()
             and not p.is_relative_to(pod.data)} == {pod.config.relative_to(pod.scratch)}
     assert not [r for r in records(log) if r["level"] in ("error", "critical")], log.read_text()
@@ -505,9 +563,12 @@ def kustomize(directory: Path) -> dict[tuple[str, str], dict[str, Any]]:
     these kustomizations use: resources (files, or directories with a kustomization) and patch
     files (strategic merge; ``$patch: delete`` at the top removes the resource)."""
     spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert set(spec) <= {"resources", "patches"}, f"{directory}: the simulation knows only resources and patches"
+    # bases and patchesStrategicMerge: kustomize v2's names (Debian's kubectl 1.20) for the same
+    known = {"resources", "patches", "bases", "patchesStrategicMerge"}
+    assert set(spec) <= known, f"{directory}: the simulation knows only {sorted(known)}"
+    patches = spec.get("patches", []) + [{"path": f} for f in spec.get("patchesStrategicMerge", [])]
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    for entry in spec.get("resources", []):
+    for entry in spec.get("resources", []) + spec.get("bases", []):
         path = directory / entry
         docs = (list(kustomize(path).values()) if path.is_dir()
                 else [d for d in yaml.safe_load_all(path.read_text()) if d])
@@ -515,7 +576,7 @@ def kustomize(directory: Path) -> dict[tuple[str, str], dict[str, Any]]:
             ident = (doc["kind"], doc["metadata"]["name"])
             assert ident not in out, f"{ident} twice"
             out[ident] = doc
-    for entry in spec.get("patches", []):
+    for entry in patches:
         assert set(entry) == {"path"}, f"{entry}: the simulation knows only patch files, without target"
         (patch,) = [d for d in yaml.safe_load_all((directory / entry["path"]).read_text()) if d]
         ident = (patch["kind"], patch["metadata"]["name"])
@@ -550,11 +611,9 @@ POSTGRES_SECRET = yaml.safe_load((REPLICATED / "secret-postgres.example.yaml").r
 
 
 def test_kubectl_kustomize_renders_the_base_and_the_replicated_overlay_as_simulated():
-    """The simulation above, checked against the real kustomize where kubectl is installed (it
-    is not in CI; the simulation's own checks still run there)."""
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip("kubectl is not installed")
+    """The simulation above, checked against the real kustomize (kubectl: .ci/run installs
+    Debian's kubernetes-client)."""
+    kubectl = need("kubectl", "kubernetes-client")
     for directory in (K8S, REPLICATED):
         r = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
                            timeout=60, check=False)
@@ -570,9 +629,8 @@ def test_the_replicated_overlay_runs_several_replicas_with_nothing_of_their_own(
     assert RENDERED[("Deployment", "sms-receiver")]["spec"]["strategy"]["type"] == "RollingUpdate"
     # no outbox on a volume: no claim, no writable volume, nothing mounted at the image's home
     assert "PersistentVolumeClaim" not in {kind for kind, _ in RENDERED}
-    assert not [v for v in m.volumes.values()
-                if {"persistentVolumeClaim", "emptyDir", "hostPath"} & set(v)]
-    assert m.writable_mounts == []
+    assert not [v for v in m.volumes.values() if {"persistentVolumeClaim", "hostPath"} & set(v)]
+    assert [mt["mountPath"] for mt in m.writable_mounts] == list(m.empty_dirs) == ["/tmp"]
     assert not [mount for mount in m.mounts.values() if under(IMAGE_HOME, mount["mountPath"])]
     # as locked down as the base
     assert m.security("readOnlyRootFilesystem") is True
@@ -645,11 +703,25 @@ def compose_receiver_config(service: dict[str, Any]) -> Config:
     mounts = bind_mounts(service)
     args = service.get("command") or image_cmd()
     config = mounts[args[args.index("--config") + 1]]
-    raw = yaml.safe_load(config.read_text())
-    in_container = raw["storage"]["password_file"]
-    assert in_container in mounts, f"{in_container} is not mounted"
-    raw["storage"]["password_file"] = str(mounts[in_container])
+    raw = with_files_at(yaml.safe_load(config.read_text()), mounts)
     return parse_config(yaml.safe_dump(raw), env=service.get("environment", {}), base_dir=config.parent)
+
+
+def with_files_at(node: Any, files: dict[str, Path]) -> Any:
+    """A config with every ``*_file`` (an absolute path in the container) pointing at where that
+    file is on this machine (``files``: container path → file); one not there is an error."""
+    if isinstance(node, list):
+        return [with_files_at(v, files) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if isinstance(key, str) and key.endswith("_file"):
+            assert value in files, f"{key}: {value} is not mounted"
+            out[key] = str(files[value])
+        else:
+            out[key] = with_files_at(value, files)
+    return out
 
 
 def test_the_replicated_compose_file_runs_two_receivers_on_postgres():
@@ -753,5 +825,208 @@ async def test_two_replicated_pods_page_once_with_nothing_writable(
         assert {f.relative_to(p.scratch) for f in p.scratch.rglob("*") if f.is_file()} == {
             p.config.relative_to(p.scratch), p.host(storage["password_file"]).relative_to(p.scratch)}
         assert p.proc is not None and os.listdir(f"/proc/{p.proc.pid}/root/dev/shm") == []
+        assert written_to_tmp(p, p.proc.pid) == []
         assert not [r for r in records(log) if r["level"] in ("error", "critical")], log.read_text()
         assert p.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Every deploy file as its tool sees it: kubernetes-validate on what kustomize renders, the
+# image's Dockerfile and entrypoint, the compose files, the systemd unit, and every receiver
+# config under deploy/ through `check-config` with the secrets its deployment gives it.
+
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # the Prometheus operator's: no schema to check
+
+
+@pytest.mark.parametrize("directory", [K8S, REPLICATED], ids=["base", "replicated"])
+def test_kustomize_output_passes_kubernetes_validate(directory: Path, tmp_path: Path):
+    kubectl = need("kubectl", "kubernetes-client")
+    validate = shutil.which("kubernetes-validate", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if not validate:
+        if os.environ.get("CI"):
+            pytest.fail("kubernetes-validate is required in CI (pip install -e '.[test]')")
+        pytest.skip("kubernetes-validate is not installed (pip install -e '.[test]')")
+    r = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(r.stdout)
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    v = subprocess.run([validate, "--strict", str(rendered)], capture_output=True, text=True, timeout=120, check=False)
+    out = v.stdout + v.stderr
+    assert v.returncode == 0, out
+    for doc in docs:
+        name = f"{doc['kind'].lower()}/{doc['metadata']['name']}"
+        if doc["kind"] in CRD_KINDS:
+            assert f"Couldn't find schema for kind {doc['kind']}" in out, out
+        else:
+            assert f"passed for resource {name}" in out, out
+
+
+def test_the_image_bakes_no_config():
+    """Run with only a key, an image with the example config would page its numbers."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in dockerfile.splitlines() if ln.strip() and not ln.startswith("#")]
+    copies = [ln.split()[1:] for ln in lines if ln.startswith("COPY ")]
+    for args in copies:
+        sources = [a for a in args[:-1] if not a.startswith("--")]
+        assert not [a for a in sources if a.endswith((".yaml", ".yml"))], f"a config baked in: {args}"
+        if not any(a.startswith("--from=") for a in args):
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY {source}: no such file in the build context"
+    assert "/etc/sms-receiver" in dockerfile.split("VOLUME", 1)[1].splitlines()[0], "config dir is a volume"
+    (entry,) = [ln for ln in lines if ln.startswith("ENTRYPOINT ")]
+    (script,) = json.loads(entry.removeprefix("ENTRYPOINT "))
+    assert [a for a in copies if a[-1] == f"/usr/local/bin/{script}"] == [["deploy/docker-entrypoint.sh", f"/usr/local/bin/{script}"]]
+    assert f"chmod 755 /usr/local/bin/{script}" in dockerfile
+
+
+def entrypoint(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The image's entrypoint script, with a stand-in ``sms-receiver`` that prints its args."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "sms-receiver"
+    stub.write_text('#!/bin/sh\necho "sms-receiver $*"\n')
+    stub.chmod(0o755)
+    return subprocess.run(["sh", str(ROOT / "deploy" / "docker-entrypoint.sh"), *args], capture_output=True,
+                          text=True, timeout=30, check=False, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+
+
+def test_the_image_refuses_to_run_without_a_mounted_config_and_says_how(tmp_path: Path):
+    cmd = image_cmd()  # the image's CMD: run --config /etc/sms-receiver/config.yaml, not there
+    config = cmd[cmd.index("--config") + 1]
+    assert not Path(config).exists()
+    r = entrypoint(cmd, tmp_path)
+    assert r.returncode == 78 and r.stdout == "", r.stdout + r.stderr
+    assert f"no config file at {config}" in r.stderr
+    assert f'-v "$PWD/config.yaml:{config}:ro"' in r.stderr  # how to mount one
+    assert "sms-receiver check-config" in r.stderr
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("{}\n")
+    for args in (["run", "--config", str(mine)], ["run", f"--config={mine}", "--log-format", "json"]):
+        r = entrypoint(args, tmp_path)
+        assert (r.returncode, r.stdout) == (0, "sms-receiver " + " ".join(args) + "\n"), r.stderr
+    # other commands (the fake Clickatell of the compose demo, check-config) pass straight through
+    r = entrypoint(["fake-clickatell", "--listen", "0.0.0.0:9098"], tmp_path)
+    assert r.stdout == "sms-receiver fake-clickatell --listen 0.0.0.0:9098\n"
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.replicated.yml"])
+def test_compose_file_is_valid_and_only_receivers_use_the_receivers_healthcheck(name: str, tmp_path: Path):
+    """The image's HEALTHCHECK probes the receiver's 9097: a service running something else from
+    the image (the fake Clickatell) has its own probe, or it shows unhealthy."""
+    doc = compose(name)
+    assert set(doc) <= {"services", "volumes", "networks", "secrets", "configs"} | {k for k in doc if k.startswith("x-")}
+    named_volumes = set(doc.get("volumes") or {})
+    for service_name, service in doc["services"].items():
+        assert "image" in service or "build" in service, service_name
+        for volume in service.get("volumes", []):
+            source, target, *mode = volume.split(":")
+            assert target.startswith("/"), (service_name, volume)
+            if source.startswith("."):
+                assert (COMPOSE / source).exists(), f"{service_name}: {source} does not exist"
+            else:
+                assert source in named_volumes, f"{service_name}: volume {source} is not declared"
+        if service.get("build") and (service.get("command") or image_cmd())[0] != "run":
+            check = service.get("healthcheck")
+            assert check, f"{service_name} inherits the receiver's HEALTHCHECK on 9097"
+            assert check.get("disable") or "9097" not in json.dumps(check["test"]), service_name
+            ports = re.findall(r"--listen\s+\S+:(\d+)", " ".join(service["command"]))
+            assert check.get("disable") or ports and f":{ports[0]}/" in json.dumps(check["test"]), service_name
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        r = subprocess.run([docker, "compose", "-f", str(COMPOSE / name), "config", "--quiet"],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+
+
+UNIT = ROOT / "deploy" / "systemd" / "sms-receiver.service"
+
+
+def test_systemd_unit_verifies_with_the_documented_install():
+    """``systemd-analyze verify`` with the venv the unit's comment installs (/opt/sms-receiver)
+    present: in a private mount namespace, /opt is a tmpfs holding it, nothing else changes."""
+    analyze = need("systemd-analyze", "systemd")
+    text = UNIT.read_text()
+    execs = re.findall(r"^Exec\w+=(\S+)", text, re.M)
+    install = "/opt/sms-receiver/bin/sms-receiver"
+    assert [e for e in execs if "sms-receiver" in e] == [install, install]
+    assert "python3 -m venv /opt/sms-receiver" in text and "/opt/sms-receiver/bin/pip install" in text
+    unshare = shutil.which("unshare")
+    if os.geteuid() == 0 and unshare:
+        script = (f"set -eu; mount -t tmpfs opt /opt; mkdir -p {Path(install).parent};"
+                  f" printf '#!/bin/sh\\n' > {install}; chmod 755 {install}; exec \"$@\"")
+        argv = [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", script, "verify",
+                analyze, "verify", str(UNIT)]
+    else:
+        if os.environ.get("CI"):
+            pytest.fail("the systemd unit test needs root and unshare in CI")
+        argv = [analyze, "verify", str(UNIT)]  # only the missing install may be reported
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    out = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    if argv[0] == analyze:
+        assert all(f"Command {install} is not executable" in ln for ln in out), out
+    else:
+        assert (r.returncode, out) == (0, []), out
+
+
+def deploy_configs(tmp_path: Path) -> list[tuple[str, Path, dict[str, str]]]:
+    """Every receiver config under deploy/ as its deployment gives it to the receiver: the file
+    (its ``*_file``s where those files are), and the environment."""
+    out = []
+    for name, manifest, rendered in (("kubernetes", MANIFEST, kustomize(K8S)),
+                                     ("kubernetes-replicated", REPLICA, RENDERED)):
+        files: dict[str, Path] = {}
+        for mount in manifest.mounts.values():  # the Secrets mounted as files, their example values
+            secret = manifest.volumes[mount["name"]].get("secret")
+            if secret:
+                (example,) = [d for f in manifest_dirs(name) for d in yaml.safe_load_all(f.read_text())
+                              if d and d.get("kind") == "Secret" and d["metadata"]["name"] == secret["secretName"]]
+                for key, value in example["stringData"].items():
+                    host = tmp_path / name / "secrets" / key
+                    host.parent.mkdir(parents=True, exist_ok=True)
+                    host.write_text(value + "\n")
+                    files[f"{mount['mountPath']}/{key}"] = host
+        config = tmp_path / name / "config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(with_files_at(manifest.config, files)))
+        assert ("ConfigMap", "sms-receiver") in rendered
+        out.append((name, config, manifest.env))
+    for file in ("docker-compose.yml", "docker-compose.replicated.yml"):
+        for service_name, service in compose(file)["services"].items():
+            mounts = bind_mounts(service)
+            args = service.get("command") or image_cmd()
+            if not service.get("build") or args[0] != "run":  # not the receiver's image, or not it
+                continue
+            source = mounts[args[args.index("--config") + 1]]
+            config = tmp_path / f"{file}-{service_name}.yaml"
+            config.write_text(yaml.safe_dump(with_files_at(yaml.safe_load(source.read_text()), mounts)))
+            out.append((f"{file} {service_name}", config, dict(service.get("environment", {}))))
+    return out
+
+
+def manifest_dirs(name: str) -> list[Path]:
+    return sorted((ROOT / "deploy" / name).glob("*.yaml")) + sorted(K8S.glob("*.yaml"))
+
+
+def test_every_deploy_config_passes_check_config_with_its_secrets(tmp_path: Path):
+    """Closed by default: each config under deploy/ carries webhook, admin and callback
+    credentials (from its Secret or a mounted file), and passes ``check-config`` given only what
+    its deployment gives it (an unset ``${VAR}`` is an error)."""
+    configs = deploy_configs(tmp_path)
+    assert len(configs) == 5, [c[0] for c in configs]  # k8s base, overlay; compose 1 + 2 replicas
+    for name, config, env in configs:
+        raw = yaml.safe_load(config.read_text())
+        for section in ("webhook_auth", "admin_auth"):
+            assert set(raw.get(section) or {}) & {"bearer_tokens", "bearer_tokens_file", "basic_auth"}, (name, section)
+        assert set(raw.get("callbacks") or {}) & {"secret", "secret_file"}, name
+        assert not raw.get("allow_unauthenticated"), name
+        r = subprocess.run([sys.executable, "-m", "receiver", "check-config", str(config)], capture_output=True,
+                           text=True, timeout=60, check=False, cwd=tmp_path,
+                           env={"PATH": os.environ.get("PATH", ""), **env})
+        assert r.returncode == 0, f"{name}: {r.stdout}{r.stderr}"
+        # and without its secrets it is refused, naming what is missing
+        if any("${" in v for v in json.dumps(raw).split('"')):
+            r = subprocess.run([sys.executable, "-m", "receiver", "check-config", str(config)], capture_output=True,
+                               text=True, timeout=60, check=False, cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")})
+            assert r.returncode != 0 and "is not set" in r.stdout + r.stderr, f"{name}: {r.stdout}{r.stderr}"

@@ -94,7 +94,8 @@ def test_promtool_rules_and_unit_tests():
     assert {"SmsReceiverDown", "SmsReceiverWebhooksFailing", "SmsReceiverSmsFailing",
             "SmsReceiverOutboxBacklog", "SmsReceiverDeadLetters", "SmsReceiverBalanceLow",
             "SmsReceiverConfigReloadFailed", "SmsReceiverStoreErrors", "SmsReceiverStorePoolSaturated",
-            "SmsReceiverClaimsTakenOver"} <= names
+            "SmsReceiverClaimsTakenOver", "SmsReceiverPlanningFailed", "SmsReceiverPlanningStalled",
+            "SmsReceiverOutboxStuck"} <= names
 
 
 def test_amtool_checks_the_alertmanager_example():
@@ -119,18 +120,14 @@ def test_deploy_files_are_complete_and_configs_valid(tmp_path: Path):
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
-    # the config shipped in the ConfigMap and the compose demo validate
-    for name, text in (("configmap", kinds["ConfigMap"]["data"]["config.yaml"]),
-                       ("compose", (DEPLOY / "compose" / "config.yaml").read_text())):
-        path = tmp_path / f"{name}-config.yaml"
-        path.write_text(text)
-        r = subprocess.run([sys.executable, "-m", "receiver", "check-config", str(path)],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert r.returncode == 0, f"{name}: {r.stdout}{r.stderr}"
+    # every config under deploy/ passes check-config with the secrets its deployment gives it:
+    # tests/test_deploy.py::test_every_deploy_config_passes_check_config_with_its_secrets
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
     assert {"sms-receiver", "fake-clickatell", "alertmanager", "prometheus", "grafana"} <= set(compose["services"])
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "USER 10001" in dockerfile and "HEALTHCHECK" in dockerfile and "VOLUME" in dockerfile
+    assert (ROOT / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]  # pyproject's
+    assert "data/" in (ROOT / ".gitignore").read_text().splitlines()  # the default storage directory
     contact = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "alerting" / "sms-receiver-contact-point.yml").read_text())
     assert contact["contactPoints"][0]["receivers"][0]["settings"]["url"].endswith("/webhook/grafana")
     unit = (DEPLOY / "systemd" / "sms-receiver.service").read_text()
@@ -248,3 +245,64 @@ async def test_a_running_receivers_log_holds_no_key_number_or_token(tmp_path: Pa
     assert len(fake.state.messages) == 1 and fake.state.messages[0]["to"] == "14155550123"
     for secret in ("14155550123", "lPe91jCqTwGbErZ6OFeXjQ", "hook-secret"):
         assert secret not in text, secret
+
+
+async def test_process_metrics_are_exposed(start_receiver, http):
+    """process_* as every Prometheus exporter has them, on the receiver's own registry."""
+    rx = await start_receiver()
+    async with http.get(f"{rx.url}/metrics") as r:
+        text = await r.text()
+    values = dict(re.findall(r"^(process_[a-z_]+) (\S+)$", text, re.M))
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total",
+                 "process_start_time_seconds", "process_max_fds", "process_virtual_memory_bytes"):
+        assert name in values, f"{name} missing from /metrics"
+    assert float(values["process_resident_memory_bytes"]) > 0
+    assert float(values["process_open_fds"]) > 0
+
+
+async def test_dropped_alerts_are_logged_with_group_and_reason(start_receiver, http, caplog):
+    """An alert every matched group excludes (its level, send_resolved) is named in one info line
+    per notification, with the group and the rule that dropped it."""
+    caplog.set_level(logging.INFO, logger="sms_receiver")
+    rx = await start_receiver()
+    body = json.loads(fixture("alertmanager-0.25-firing.json"))
+    firing = dict(body["alerts"][0], labels={"alertname": "SlowWeb", "job": "node", "severity": "warning"})
+    resolved = dict(body["alerts"][0], status="resolved",
+                    labels={"alertname": "InfoGone", "severity": "info"})  # default group "info"
+    body.update(alerts=[firing, resolved], status="firing", groupKey='{}:{alertname="SlowWeb"}')
+    async with http.post(f"{rx.url}/webhook/alertmanager", json=body) as r:
+        assert r.status == 200, await r.text()
+
+    def dropped() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "sms_receiver.planner" and "dropped" in r.getMessage()]
+
+    async def logged() -> bool:
+        return bool(dropped())
+
+    await eventually(logged)
+    (record,) = dropped()  # once per notification
+    assert record.levelno == logging.INFO
+    msg = record.getMessage()
+    assert "SlowWeb (firing; web: level warning is below the group's critical)" in msg
+    assert "InfoGone (resolved; info: resolved, and the group has send_resolved off)" in msg
+
+
+def test_dashboard_shows_rare_events_as_counts_and_no_bucket_bound_as_a_max():
+    """histogram_quantile(1, …) is the upper bound of a bucket, not the max; a per-second rate of
+    a rare event with unit "short" reads as 0.004: counts per interval instead, each event in
+    one bar (an increase over $__rate_interval counts it in several overlapping bars)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    rate_units = {"reqps", "ops", "cps", "wps", "rps"}
+    for p in dashboard["panels"]:
+        unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        for t in p["targets"]:
+            expr = t["expr"]
+            assert "histogram_quantile(1," not in expr.replace(" ", ""), (p["title"], expr)
+            assert not re.search(r"increase\([^\[]*\[\$__rate_interval\]", expr), (p["title"], expr)
+            if "increase(" in expr and "$__interval" in expr:
+                assert p.get("interval"), f"{p['title']}: counts per interval need a minimum step"
+            ratio = " / " in expr or expr.startswith("histogram_quantile(")  # no longer per second
+            if "rate(" in expr and not ratio:
+                assert unit in rate_units, f"{p['title']}: a per-second rate shown with unit {unit!r}"
+    titles = [p["title"] for p in dashboard["panels"]]
+    assert "Alerts per summary SMS (p50, mean)" in titles
