@@ -180,6 +180,7 @@ class Dispatcher:
         claimed = await self._store.claim(now, room, cfg.lease,
                                           exclude=[*self._inflight.values(), *self._unrecorded])
         admission = await holds.gate(self._store, claimed, snap.throttle, now)
+        self._released(admission.released)  # bundles an urgent page took with it
         for gid, n in admission.throttled.items():
             self._metrics.sms_throttled.labels(gid).inc(n)
         for message in admission.ready:

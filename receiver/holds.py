@@ -14,12 +14,13 @@ true when they write, whichever replica (PostgreSQL) or task decides.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from receiver.models import AlertStatus, NewMessage
-from receiver.paging import THROTTLE, Throttle, hold_kind
-from receiver.store import Changes, Fold, MessageRecord, NumberHistory, Store
+from receiver.paging import THROTTLE, URGENT, Page, Throttle, hold_kind
+from receiver.pipeline import new_message_id
+from receiver.store import Changes, Decisions, Fold, MessageRecord, NumberHistory, Store
 from receiver.summary import Entry, Summary, bundle, count_alerts, digest
 
 IdSource = Callable[[float], str]
@@ -30,6 +31,8 @@ class Admission:
     ready: list[MessageRecord]  # claimed messages with recipients to send to now
     changes: Changes
     throttled: dict[str, int]  # recipients held, per group
+    # bundles an urgent page made at once of what its numbers had held (stored, due now)
+    released: list[Released] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +53,17 @@ def ungated(claimed: Sequence[MessageRecord]) -> list[str]:
                    if r.state == "pending" and not r.admitted})
 
 
+def _page(m: MessageRecord) -> Page:
+    return Page(m.priority, str(m.status), m.created_at)
+
+
 def admit(claimed: Sequence[MessageRecord], histories: Mapping[str, NumberHistory],
-          throttle: Throttle, now: float) -> Admission:
+          throttle: Throttle, now: float, urgent: Mapping[str, Sequence[float]] | None = None) -> Admission:
     """Clear or hold each claimed recipient the throttle has not seen yet. One storm puts the
-    same numbers in many claimed messages: each number's history is kept up to date here."""
+    same numbers in many claimed messages: each number's history (and ``urgent``: its urgent
+    sends) is kept up to date here."""
     numbers = {n: (list(h.sent_at), h.holding) for n, h in histories.items()}
+    urgent_sent = {n: list(t) for n, t in (urgent or {}).items()}
     sends: list[tuple[str, str]] = []
     holds: list[tuple[str, str, float]] = []
     throttled: dict[str, int] = {}
@@ -66,9 +75,12 @@ def admit(claimed: Sequence[MessageRecord], histories: Mapping[str, NumberHistor
                 recipients.append(r)
                 continue
             history, holding = numbers.setdefault(r.number, ([], False))
-            until = throttle.admit(history, holding, m.priority, m.created_at, now)
+            mine = urgent_sent.setdefault(r.number, [])
+            until = throttle.admit(history, holding, m.priority, m.created_at, now, str(m.status), mine)
             if until is None:
                 history.append(now)
+                if throttle.kind(m.priority, str(m.status)) == URGENT:
+                    mine.append(now)
                 sends.append((m.id, r.number))
                 recipients.append(replace(r, admitted=True))
             else:
@@ -131,9 +143,11 @@ def release_groups(held: Sequence[MessageRecord], max_parts: int, new_id: IdSour
 
 def release_numbers(due: Mapping[str, Sequence[MessageRecord]], histories: Mapping[str, NumberHistory],
                     throttle: Throttle, max_parts: int, new_id: IdSource,
-                    now: float) -> tuple[Changes, list[Released]]:
-    """Numbers whose throttle hold is due: one bundle each if the rules (or an urgent message's
-    deadline) allow it now; otherwise their holds move to when they will."""
+                    now: float, urgent: Mapping[str, Sequence[float]] | None = None
+                    ) -> tuple[Changes, list[Released]]:
+    """Numbers whose throttle hold is due: one bundle each if the rules (or an urgent page under
+    the ceiling given each number's ``urgent`` sends, or an urgent message's deadline) allow it
+    now; otherwise their holds move to when they will."""
     messages: list[NewMessage] = []
     sends: list[tuple[str, str]] = []
     holds: list[tuple[str, str, float]] = []
@@ -142,7 +156,7 @@ def release_numbers(due: Mapping[str, Sequence[MessageRecord]], histories: Mappi
     for number, held in due.items():
         entries = [_entry(m) for m in held]
         history = histories.get(number, NumberHistory([], True)).sent_at
-        at = throttle.release_at(history, [throttle.deadline(e.priority, e.created_at) for e in entries], now)
+        at = throttle.release_at(history, [_page(m) for m in held], now, (urgent or {}).get(number, ()))
         if at > now:  # sends since the hold was set pushed it back
             holds += [(m.id, number, at) for m in held]
             continue
@@ -164,17 +178,44 @@ def release_numbers(due: Mapping[str, Sequence[MessageRecord]], histories: Mappi
     return changes, out
 
 
-async def gate(store: Store, claimed: list[MessageRecord], throttle: Throttle, now: float) -> Admission:
+async def gate(store: Store, claimed: list[MessageRecord], throttle: Throttle, now: float,
+               new_id: IdSource = new_message_id) -> Admission:
     """Run freshly claimed messages through the throttle; the admission is stored before any
-    of it is sent."""
+    of it is sent. An urgent page that joins its number's held messages releases them with it
+    at once as one bundle (``throttle.bundle_parts`` long at most), stored due now."""
     numbers = ungated(claimed) if throttle.rules else []
     if not numbers:
         return Admission(claimed, Changes(now), {})
+    pressing = _urgent_numbers(claimed, throttle)
     async with store.deciding() as d:
-        admission = admit(claimed, await d.history(numbers, now - throttle.horizon), throttle, now)
+        urgent = await _urgent_sends(d, sorted(pressing & set(numbers)), throttle, now)
+        admission = admit(claimed, await d.history(numbers, now - throttle.horizon), throttle, now, urgent)
         if admission.changes:
             await d.apply(admission.changes)
+        # an urgent page that joined held messages takes them with it now, not at the next release
+        joined = {n for _, n, until in admission.changes.holds if until <= now}
+        if joined:
+            due = {n: held for n, held in (await d.held_numbers(now)).items() if n in joined}
+            histories = await d.history(sorted(due), now - throttle.horizon)
+            changes, released = release_numbers(due, histories, throttle, throttle.bundle_parts,
+                                                new_id, now, urgent)
+            await d.apply(changes)
+            admission.released.extend(released)
     return admission
+
+
+def _urgent_numbers(messages: Sequence[MessageRecord], throttle: Throttle) -> set[str]:
+    """The numbers an urgent page in ``messages`` waits for: only theirs need urgent history."""
+    return {r.number for m in messages if throttle.kind(m.priority, str(m.status)) == URGENT
+            for r in m.recipients}
+
+
+async def _urgent_sends(d: Decisions, numbers: Sequence[str], throttle: Throttle,
+                        now: float) -> dict[str, list[float]]:
+    if not numbers or not throttle.ceiling:
+        return {}
+    since = now - throttle.urgent_horizon
+    return await d.urgent_sends(numbers, since, since - throttle.lookback, throttle.urgent_rank)
 
 
 async def release(store: Store, throttle: Throttle, max_parts: int, new_id: IdSource,
@@ -191,7 +232,9 @@ async def release(store: Store, throttle: Throttle, max_parts: int, new_id: IdSo
         due = await d.held_numbers(now)
         if due:
             histories = await d.history(list(due), now - throttle.horizon)
-            changes, released = release_numbers(due, histories, throttle, max_parts, new_id, now)
+            pressing = _urgent_numbers([m for held in due.values() for m in held], throttle) & set(due)
+            urgent = await _urgent_sends(d, sorted(pressing), throttle, now)
+            changes, released = release_numbers(due, histories, throttle, max_parts, new_id, now, urgent)
             await d.apply(changes)
             out += released
     return out

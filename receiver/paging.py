@@ -11,8 +11,10 @@ throttle       at send     one number      one bundle per number once every rule
 =============  ==========  ==============  =================================================
 
 A level with ``delivery: none`` is recorded and counted, never sent. Urgent levels (``paging.
-urgent_level`` and above) skip quiet hours only when the group's ``min_level`` says so, but are
-never held by the throttle longer than ``paging.urgent_max_delay``.
+urgent_level`` and above) skip quiet hours only when the group's ``min_level`` says so. A firing
+urgent page passes the throttle at once (taking what is held for its number with it) while its
+number is under ``paging.urgent_ceiling``; past it, it is held no longer than
+``paging.urgent_max_delay``.
 """
 
 from __future__ import annotations
@@ -125,39 +127,104 @@ def next_allowed(history: Sequence[float], rules: Sequence[ThrottleRule], now: f
 
 
 @dataclass(frozen=True, slots=True)
+class Page:
+    """What the throttle needs to know of one message to a number."""
+
+    priority: int  # level rank: 0 is the most urgent
+    status: str  # "firing" or "resolved"
+    created_at: float
+
+
+URGENT, NORMAL = "urgent", "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One way through the throttle: the kinds of page that may take it, which earlier sends to
+    the number count against it, and which limits (a :class:`Throttle` field) they must keep."""
+
+    kinds: frozenset[str]
+    counts: Literal["all", "urgent"]
+    limits: Literal["rules", "ceiling"]
+
+
+# GoAlert's style: the policy is this table, not branches. A page may go when any lane it may
+# take allows it (or at its urgency deadline); a number's pages go out together as one SMS at
+# the earliest moment any of them may go, so an urgent page takes what is held with it.
+# Urgent: a firing page at ``paging.urgent_level`` or above. Resolved pages and lower levels are
+# normal: they are never counted against the urgent lane, so they never delay an urgent page;
+# an urgent page past its ceiling is left the normal lane (and its deadline).
+LANES = (
+    Lane(frozenset({URGENT}), counts="urgent", limits="ceiling"),  # paging.urgent_ceiling
+    Lane(frozenset({URGENT, NORMAL}), counts="all", limits="rules"),  # paging.throttle
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Throttle:
-    """The per-number flood control of ``paging``: the rules, and the urgency bound."""
+    """The per-number flood control of ``paging``: the rules, the urgent ceiling and bound."""
 
     rules: tuple[ThrottleRule, ...]
     urgent_rank: int
     urgent_max_delay: float
+    ceiling: tuple[ThrottleRule, ...] = ()  # of urgent sends; () = none
+    lookback: float = 3600.0  # how long after its creation a message may still be sent
+    bundle_parts: int = 3  # the longest bundle an urgent page releases at once (clickatell.max_parts)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Throttle:
-        return cls(cfg.paging.throttle, cfg.urgent_rank, cfg.paging.urgent_max_delay)
+        p = cfg.paging
+        ceiling = (p.urgent_ceiling,) if p.urgent_ceiling is not None else ()
+        return cls(p.throttle, cfg.urgent_rank, p.urgent_max_delay, ceiling, cfg.dispatch.max_age,
+                   cfg.clickatell.max_parts)
 
     @property
     def horizon(self) -> float:
         """How far back sends matter."""
         return max((r.window for r in self.rules), default=0.0)
 
+    @property
+    def urgent_horizon(self) -> float:
+        """How far back urgent sends matter (the ceiling's window)."""
+        return max((r.window for r in self.ceiling), default=0.0)
+
+    def kind(self, priority: int, status: str) -> str:
+        return URGENT if priority <= self.urgent_rank and status == "firing" else NORMAL
+
     def deadline(self, priority: int, created_at: float) -> float:
         """When a message must go out whatever the rules say (``inf`` for non-urgent levels)."""
         return created_at + self.urgent_max_delay if priority <= self.urgent_rank else math.inf
 
-    def release_at(self, history: Sequence[float], deadlines: Sequence[float], now: float) -> float:
-        """When a number's held messages (with these urgency deadlines) may go out as one SMS."""
-        return min(next_allowed(history, self.rules, now), min(deadlines, default=math.inf))
+    def page_at(self, page: Page, history: Sequence[float], urgent_history: Sequence[float],
+                now: float) -> float:
+        """The earliest time ≥ ``now`` this page may go out: through any lane (:data:`LANES`)
+        its kind may take, or at its urgency deadline."""
+        kind = self.kind(page.priority, page.status)
+        sends = {"all": history, "urgent": urgent_history}
+        lanes = (next_allowed(sends[lane.counts], getattr(self, lane.limits), now)
+                 for lane in LANES if kind in lane.kinds)
+        return max(now, min(self.deadline(page.priority, page.created_at), *lanes))
+
+    def release_at(self, history: Sequence[float], pages: Sequence[Page], now: float,
+                   urgent_history: Sequence[float] = ()) -> float:
+        """When a number's held ``pages`` may go out as one SMS, given its sends (``history``)
+        and its urgent sends among them (``urgent_history``)."""
+        return min((self.page_at(p, history, urgent_history, now) for p in pages),
+                   default=next_allowed(history, self.rules, now))
 
     def admit(
-        self, history: Sequence[float], holding: bool, priority: int, created_at: float, now: float
+        self, history: Sequence[float], holding: bool, priority: int, created_at: float, now: float,
+        status: str = "resolved", urgent_history: Sequence[float] = (),
     ) -> float | None:
         """None: send to this number now. Otherwise hold it until the returned time; ``holding``
         (the number already has held messages) makes a new one join them, so they go out
-        together, most urgent first, rather than overtaking them."""
+        together, most urgent first, rather than overtaking them (a returned time ≤ ``now``:
+        release them with it at once). ``status`` and ``urgent_history`` (the number's urgent
+        sends) make a firing urgent page pass the rules while under the urgent ceiling."""
         if not self.rules:
             return None
-        at = self.release_at(history, [self.deadline(priority, created_at)], now)
+        page = Page(priority, status, created_at)
+        at = self.release_at(history, [page], now, urgent_history)
         if at <= now and not holding:
             return None
         return max(at, now)

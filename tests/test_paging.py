@@ -6,9 +6,10 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from receiver.config import ThrottleRule
+from receiver.config import ConfigError, ThrottleRule
 from receiver.encoding import count_parts
 from receiver.models import Item
 from receiver.paging import Throttle, digest_until, next_allowed, policy_for, quiet_until
@@ -88,6 +89,62 @@ def test_urgent_messages_wait_at_most_the_bound():
     assert t.admit(history, False, priority=0, created_at=250, now=310) is None  # overdue: send
     assert t.admit([], True, priority=1, created_at=0, now=5) == 5  # joins what is held
     assert Throttle((), 0, 60).admit(history, True, 3, 0, 0) is None  # no rules: no throttle
+
+
+URGENT_T = Throttle(tuple(GOALERT), urgent_rank=0, urgent_max_delay=60,
+                   ceiling=(ThrottleRule(count=3, window=3600),))
+
+
+def test_a_firing_urgent_page_passes_the_rules_while_under_the_ceiling():
+    history = [100.0]  # the resolved SMS of an earlier alert: 1 a minute is spent until 160
+    assert URGENT_T.admit(history, False, 0, 130, 130, "firing", [100.0]) is None  # the reported case
+    assert URGENT_T.admit(history, False, 0, 130, 130, "resolved") == 160  # resolved: the rules
+    assert URGENT_T.admit(history, False, 1, 130, 130, "firing") == 160  # a warning: the rules
+    assert URGENT_T.admit(history, True, 0, 130, 130, "firing") == 130  # takes the held ones now
+
+
+def test_past_the_ceiling_an_urgent_page_is_throttled_but_bounded():
+    urgent = [0.0, 10.0, 20.0]  # 3 urgent SMS in the hour: the ceiling is reached
+    history = [*urgent, 100.0]
+    assert URGENT_T.admit(history, False, 0, 130, 130, "firing", urgent) == 160  # the rules allow sooner
+    five = [0.0, 10.0, 20.0, 30.0, 40.0]  # 5 in 15 minutes: the rules say 900
+    assert URGENT_T.admit(five, False, 0, 130, 130, "firing", five[:3]) == 190  # urgent_max_delay
+    # the ceiling frees a slot at 3600 (its oldest send leaves the window): sooner than the bound
+    later = [*five[:3], 3300.0, 3350.0, 3400.0, 3450.0, 3500.0]  # the rules say 4200
+    assert URGENT_T.admit(later, False, 0, 3590, 3595, "firing", five[:3]) == 3600
+    assert Throttle(tuple(GOALERT), 0, 60).admit(five, False, 0, 130, 130, "firing", five) is None  # no ceiling
+
+
+def test_the_urgent_ceiling_setting():
+    assert Throttle.from_config(make_config()).ceiling == (ThrottleRule(count=10, window=3600),)
+    assert Throttle.from_config(make_config(paging={"urgent_ceiling": None})).ceiling == ()
+    with pytest.raises(ConfigError) as bad:
+        make_config(paging={"urgent_ceiling": {"count": 0, "window": "1h"}})
+    assert "paging.urgent_ceiling.count: Input should be greater than or equal to 1" in str(bad.value)
+
+
+times_st = st.lists(st.integers(0, 4000).map(float), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(times_st, st.lists(st.booleans(), max_size=30), st.integers(0, 5000).map(float), st.booleans())
+def test_only_urgent_sends_count_against_the_ceiling(times, marks, now, holding):
+    """What a non-urgent page gets never depends on the urgent history; a firing urgent page is
+    let through exactly when fewer than ``count`` urgent sends are in the ceiling's window, and
+    waits no longer than the bound otherwise."""
+    history = sorted(t for t in times if t <= now)
+    urgent = [t for t, u in zip(history, marks) if u]
+    for prio, status in ((1, "firing"), (0, "resolved"), (2, "resolved")):
+        assert URGENT_T.admit(history, holding, prio, now, now, status, urgent) == \
+            URGENT_T.admit(history, holding, prio, now, now, status, [])
+    got = URGENT_T.admit(history, holding, 0, now, now, "firing", urgent)
+    under = sum(1 for t in urgent if t > now - 3600) < 3
+    if under:
+        assert got == (now if holding else None)
+    elif got is None:  # past the ceiling: only the rules let it through now
+        assert not holding and next_allowed(history, GOALERT, now) == now
+    else:
+        assert now <= got <= now + 60
 
 
 # -- quiet hours and digests -------------------------------------------------------------------
