@@ -188,12 +188,20 @@ def parse_webhook(body: bytes, source: WebhookSource) -> Notification:
     return notification_of(validate_webhook(body, source), source)
 
 
+def _no_nul(values: Mapping[str, str]) -> Mapping[str, str]:
+    """NUL is valid JSON but no PostgreSQL text can hold it: it would fail the page's planning
+    after the webhook was answered 2xx. Replaced (refusing the webhook would drop the page)."""
+    if not any("\x00" in k or "\x00" in v for k, v in values.items()):
+        return values
+    return {k.replace("\x00", "\ufffd"): v.replace("\x00", "\ufffd") for k, v in values.items()}
+
+
 def notification_of(wire: Webhook, source: WebhookSource) -> Notification:
     alerts = tuple(
         Alert(
             status=AlertStatus(a.status),
-            labels=a.labels,
-            annotations=a.annotations or {},
+            labels=_no_nul(a.labels),
+            annotations=_no_nul(a.annotations or {}),
             starts_at=_zero_to_none(a.startsAt),
             ends_at=_zero_to_none(a.endsAt),
             generator_url=a.generatorURL or "",
@@ -213,9 +221,9 @@ def notification_of(wire: Webhook, source: WebhookSource) -> Notification:
         status=AlertStatus(wire.status),
         receiver=wire.receiver or "",
         group_key=wire.groupKey or "",
-        group_labels=wire.groupLabels or {},
-        common_labels=wire.commonLabels or {},
-        common_annotations=wire.commonAnnotations or {},
+        group_labels=_no_nul(wire.groupLabels or {}),
+        common_labels=_no_nul(wire.commonLabels or {}),
+        common_annotations=_no_nul(wire.commonAnnotations or {}),
         external_url=wire.externalURL or "",
         truncated_alerts=wire.truncatedAlerts,
         title=wire.title or "",
@@ -250,19 +258,24 @@ def _micros(value: datetime | None) -> int | str:
 
 
 class SendItem(BaseModel):
-    """One item of ``POST /send``: a literal ``message``, or the group's template with variables."""
+    """One item of ``POST /send``: a ``message`` (its ``{name}`` placeholders filled from
+    ``variables`` when there are any), or ``useTemplate`` with ``variables``: the group's
+    ``send_template`` or the named ``template``, a ``send_templates`` entry (see
+    :mod:`receiver.send`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     groupId: str = Field(min_length=1)
     useTemplate: bool = False
-    template: str | None = None  # our extension: a named template instead of the group's own
+    template: str | None = None  # our extension: a send template instead of the group's send_template
     variables: dict[str, Any] = Field(default_factory=dict)
     message: str | None = None
 
     def problem(self) -> str | None:
         if self.useTemplate and self.message is not None:
             return "give either message or useTemplate, not both"
+        if not self.useTemplate and self.template is not None:
+            return "template is used with useTemplate: true only"
         if not self.useTemplate and not (self.message or "").strip():
             return "message is required (or useTemplate: true)"
         return _unfit(self.message or "", "message") or _unfit(self.variables, "variables")

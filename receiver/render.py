@@ -16,6 +16,11 @@ one step (``'x' * n``, ``~``, ``+``, ``**``, ``%``/``format`` widths, ``center``
 text (``error`` names what happened). :func:`template_error` renders every template against a
 sample notification under the same budget, so ``check-config`` and reload refuse one that overruns.
 
+``/send`` templates (:meth:`Renderer.render_send`) are either the seed's ``{name}`` syntax
+(:func:`render_seed`) or Jinja2 in the same sandbox with strict variables; both run under the
+same budget, and a variable the caller did not give raises :class:`MissingVariable` (the item is
+refused) instead of rendering empty.
+
 Filters, beside Jinja's own (``lipsum`` is removed):
 
 ``hhmm(dt, tz=None, zone=True)``
@@ -36,6 +41,7 @@ Filters, beside Jinja's own (``lipsum`` is removed):
 from __future__ import annotations
 
 import functools
+import json
 import re
 import string
 import threading
@@ -57,7 +63,9 @@ from receiver.models import Alert, AlertStatus, GroupDelivery, Notification, Sms
 RENDER_BUDGET = 0.1  # seconds of CPU one render may take
 MAX_OUTPUT = 32_768  # characters a render may produce (35 SMS parts are ~5,400)
 MAX_STRING = 262_144  # characters in any one string a template builds
-MAX_ITEMS = 100_000  # items in any list a template builds, or that one loop or filter yields
+# items in any list a template builds, or that one loop or filter yields: small enough that one
+# filter call over such a list (groupby, sort, unique) ends well within the budget
+MAX_ITEMS = 10_000
 MAX_RANGE = 10_000  # items of range()
 MAX_INT_BITS = 65_536  # bits of an integer a template computes
 WORDWRAP_MAX = 20_000  # characters wordwrap/urlize accept: they are pure Python, and slow
@@ -174,6 +182,11 @@ class _Budget:
             self._left = _CHECK_EVERY
             if self._timer() > self._deadline:
                 self.fail(f"rendering took longer than {self.seconds * 1000:.0f}ms — a loop too large?")
+
+    def check(self) -> None:
+        """Read the clock now: after a filter call, which may have run long in one step."""
+        self._left = 1
+        self.tick()
 
     def fail(self, message: str) -> None:
         self.exceeded = message
@@ -501,7 +514,11 @@ class _Sandbox(SandboxedEnvironment):
                     _check_text(f"{name}'s input as text", args[offset])
                 if check is not None:
                     check(*args[offset:], **kwargs)
-            return self._checked(func(*args, **kwargs))
+            out = self._checked(func(*args, **kwargs))
+            budget = getattr(self._local, "budget", None)
+            if budget is not None:
+                budget.check()
+            return out
 
         return guarded
 
@@ -555,9 +572,9 @@ class _Sandbox(SandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
-def _environment() -> _Sandbox:
+def _environment(undefined: type[jinja2.Undefined] = jinja2.ChainableUndefined) -> _Sandbox:
     env = _Sandbox(
-        undefined=jinja2.ChainableUndefined, autoescape=False, keep_trailing_newline=False
+        undefined=undefined, autoescape=False, keep_trailing_newline=False
     )
     for name, func in dict(
         hhmm=_hhmm,
@@ -655,6 +672,9 @@ class Renderer:
         self._budget = budget
         self._timer = timer
         self._templates = {name: self._env.from_string(src) for name, src in templates.items()}
+        # /send templates (Jinja2 ones), compiled on first use: their environment is strict
+        self._send_env: _Sandbox | None = None
+        self._send_compiled: dict[tuple[str, str], jinja2.Template] = {}
 
     def render(self, template: str, context: Mapping[str, Any], max_parts: int) -> Rendered:
         compiled = self._templates.get(template)
@@ -673,6 +693,159 @@ class Renderer:
                     return Rendered(fit(text, max_parts), None)
                 error = f"template {template!r} rendered an empty text"
         return Rendered(fit(fallback_text(context), max_parts), error)
+
+    def render_send(self, name: str, template: SendTemplateSource, context: Mapping[str, Any],
+                    max_parts: int) -> Rendered:
+        """A ``/send`` template (see :func:`render_send_text`) under the same budget as alert
+        templates. Raises :class:`MissingVariable` when the caller's variables lack one the
+        template uses (the caller gets a 422: never a half-empty SMS); any other failure gets
+        the fallback text with ``error`` set, as alert templates do."""
+        key = (template.syntax, template.text)
+        if template.syntax == "jinja2" and key not in self._send_compiled:
+            if self._send_env is None:
+                self._send_env = _environment(_StrictVariable)
+            try:
+                self._send_compiled[key] = self._send_env.from_string(template.text)
+            except jinja2.TemplateSyntaxError as exc:  # check-config refuses it: not reached
+                return Rendered(fit(fallback_text(context), max_parts), f"send template {name!r}: {exc}")
+        budget = _Budget(self._budget, self._timer)
+        try:
+            if template.syntax == "jinja2":
+                assert self._send_env is not None
+                text = self._send_env.run(self._send_compiled[key], context, budget).strip()
+            else:
+                text = render_seed(template.text, context.get("variables") or {}, budget).strip()
+        except MissingVariable:
+            raise
+        except RenderBudgetExceeded as exc:
+            error = f"send template {name!r} stopped: {exc}"
+        except Exception as exc:  # noqa: BLE001 - whatever a template does, the page goes out
+            error = f"send template {name!r} failed: {type(exc).__name__}: {exc}"
+        else:
+            if text:
+                return Rendered(fit(text, max_parts), None)
+            error = f"send template {name!r} rendered an empty text"
+        return Rendered(fit(fallback_text(context), max_parts), error)
+
+
+# ---------------------------------------------------------------------------------------------
+# /send templates: the seed's {name} placeholders, or Jinja2 with strict variables
+
+
+class SendTemplateSource(Protocol):
+    """What a ``/send`` template is (a config ``SendTemplate`` is one)."""
+
+    syntax: str  # "seed" or "jinja2"
+    text: str
+
+
+class MissingVariable(jinja2.UndefinedError):
+    """A ``/send`` template uses variables the item does not give (``names``, in order of use)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(repr(n) for n in names))
+        self.names = names
+
+
+class _StrictVariable(jinja2.StrictUndefined):
+    """Jinja's StrictUndefined (printing, testing or iterating a missing value fails; ``is
+    defined`` and ``default`` work), failing with the name of what is missing."""
+
+    __slots__ = ()
+
+    def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> Any:
+        name = self._undefined_name
+        if name is None or not isinstance(name, str):
+            raise jinja2.UndefinedError(self._undefined_message)
+        raise MissingVariable([name])
+
+    __add__ = __radd__ = __mul__ = __rmul__ = __div__ = __rdiv__ = __truediv__ = __rtruediv__ = \
+        __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pos__ = __neg__ = __call__ = __getitem__ = \
+        __lt__ = __le__ = __gt__ = __ge__ = __int__ = __float__ = __complex__ = __pow__ = __rpow__ = \
+        __iter__ = __str__ = __len__ = __hash__ = __bool__ = __contains__ = __eq__ = __ne__ = \
+        _fail_with_undefined_error
+
+    def __getattr__(self, name: str) -> Any:
+        if name[:2] == "__":
+            raise AttributeError(name)
+        return self._fail_with_undefined_error()
+
+
+# {name}: a letter or _ then letters, digits, _ or -. Anything else in braces is literal text.
+SEED_PLACEHOLDER = re.compile(r"\{([^\W\d][\w-]*)\}")
+
+
+def _seed_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def render_seed(text: str, variables: Mapping[str, Any], budget: _Budget | None = None) -> str:
+    """The seed's syntax: each ``{name}`` becomes the variable's value (a string as is, any other
+    JSON value as JSON). A variable that is missing or null raises :class:`MissingVariable`
+    naming every such one; the output is bounded by :data:`MAX_OUTPUT` characters."""
+    missing = [m[1] for m in SEED_PLACEHOLDER.finditer(text)
+               if variables.get(m[1]) is None]
+    if missing:
+        raise MissingVariable(list(dict.fromkeys(missing)))
+    out: list[str] = []
+    size = 0
+    last = 0
+    for m in SEED_PLACEHOLDER.finditer(text):
+        if budget is not None:
+            budget.tick()
+        value = _seed_value(variables[m[1]])
+        out += (text[last:m.start()], value)
+        size += m.start() - last + len(value)
+        if size > MAX_OUTPUT:
+            raise RenderBudgetExceeded(f"rendering produced more than {MAX_OUTPUT} characters")
+        last = m.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def send_context(variables: Mapping[str, Any], group: GroupInfo, level: str, now: float,
+                 zone: str | None = None) -> dict[str, Any]:
+    """What a ``/send`` template sees: ``variables`` (and each by its own name where it does not
+    shadow these), ``group``, ``level``, ``source`` ("send") and ``now``. No ``alerts``: there
+    are none, and a template that expects them fails as a missing variable, not as ``FIRING 0``."""
+    ctx: dict[str, Any] = {
+        "group": {"id": group.id, "name": group.name, "level": group.level or "",
+                  "timezone": zone or getattr(group, "timezone", None) or "UTC"},
+        "level": level,
+        "source": "send",
+        "variables": dict(variables),
+        "now": datetime.fromtimestamp(now, timezone.utc),
+    }
+    for name, value in variables.items():
+        ctx.setdefault(name, value)
+    return ctx
+
+
+def send_template_error(text: str, syntax: str, *, budget: float = RENDER_BUDGET,
+                        timer: Callable[[], float] = time.thread_time) -> str | None:
+    """None when a ``/send`` template is usable; else what is wrong. Seed syntax must not look
+    like Jinja2 (``{{``, ``{%``: it would be sent literally); Jinja2 must compile and render a
+    sample context within the budget (a missing variable is fine: the caller gives them)."""
+    if syntax == "seed":
+        if "{{" in text or "{%" in text:
+            return ("looks like Jinja2 ({{ or {%) but is in the seed's {name} syntax, where it would be "
+                    "sent literally: write it as {syntax: jinja2, text: ...}, or use {name} placeholders")
+        return None
+    env = _environment(_StrictVariable)
+    try:
+        compiled = env.from_string(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"template syntax error at line {exc.lineno}: {exc.message}"
+    context = send_context({}, _SampleGroup(), "critical", _SAMPLE_NOW.timestamp())
+    try:
+        env.run(compiled, context, _Budget(budget, timer))
+    except RenderBudgetExceeded as exc:
+        return f"{exc} (rendering with no variables)"
+    except jinja2.UndefinedError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - reported, as check-config reports everything
+        return f"rendering with no variables failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

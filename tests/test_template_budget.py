@@ -76,6 +76,9 @@ HOSTILE = {
     "sum of lists": "{{ ([[1] * 10000] * 10000) | sum(start=[]) }}",
     # size: a small list whose text is huge (100,000 references to one long string)
     "printed list": "{{ ['x' * 200000] * 100000 }}",
+    # one filter call over a big list ran ~0.6 s in a single step (the clock was read every 16)
+    "groupby over a big list": "{% set l = range(10000)|list * 10 %}" + "{{ l|groupby('real')|length }}" * 5,
+    "many slow filter calls": "{% set l = range(10000)|list %}" + "{{ l|groupby('real')|length }}" * 200,
     "list | string": "{{ (['x' * 200000] * 100000) | string }}",
     "list | upper": "{{ (['x' * 200000] * 100000) | upper }}",
     "list ~": "{{ (['x' * 200000] * 100000) ~ '' }}",

@@ -162,8 +162,8 @@ async def test_store_failure_answers_503(start_receiver, http):
 async def test_send_api(start_receiver, fake, http):
     rx = await start_receiver(
         admin_auth={"bearer_tokens": ["admin"]},
-        templates={"hello": "Hello {{ name }}, {{ variables.what }} at {{ group.name }}"},
-        groups=[*BASE["groups"][:2], {**BASE["groups"][2], "template": "hello"}],
+        send_templates={"hello": {"syntax": "jinja2", "text": "Hello {{ name }}, {{ variables.what }} at {{ group.id }}"}},
+        groups=[*BASE["groups"][:2], {**BASE["groups"][2], "send_template": "hello"}],
     )
     items = [
         {"groupId": "info", "useTemplate": True, "variables": {"name": "Steven", "what": "disk"}},
@@ -185,7 +185,7 @@ async def test_send_api(start_receiver, fake, http):
 
     await eventually(sent)
     contents = {m["content"] for m in await fake.messages(http)}
-    assert contents == {"Hello Steven, disk at", "plain text"}
+    assert contents == {"Hello Steven, disk at info", "plain text"}
 
     status, body, _ = await post(http, f"{rx.url}/send", json.dumps(items[:2]).encode(), admin)
     assert status == 202 and body["status"] == "accepted"
