@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import ssl
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -38,78 +36,48 @@ from aiohttp.web_protocol import RequestHandler
 
 from receiver.clock import Clock
 from receiver.config import Config
-from receiver.config.model import ServerConfig, TlsConfig
+from receiver.config.model import ServerConfig
 from receiver.metrics import Metrics
+from receiver.tls import TlsError, load_tls
 
 log = logging.getLogger("sms_receiver")
 
 ACCEPT_BATCH = 128  # connections accepted per event-loop pass
 ACCEPT_QUEUE = 4096  # the kernel's queue of connections not accepted yet
-LOG_EVERY = 10.0
+LOG_EVERY = 10.0  # seconds between two summary lines of closed connections
 SWEEP_EVERY = 0.25  # seconds between sweeps at most
-SWEEP_BATCH = 200  # connections closed per loop pass at most  # seconds between two summary lines of closed connections
+SWEEP_BATCH = 200  # connections closed per loop pass at most
+# TLS handshakes in progress at most: each holds ~0.25-0.5 MB of buffers until it ends, so a
+# flood of bare ClientHellos would otherwise take a pod's memory well before max_connections
+MAX_HANDSHAKES = 64
 PHASES = ("headers", "body", "busy", "idle")
 _TIMED = (("headers", "header_timeout"), ("idle", "idle_timeout"), ("body", "body_timeout"))
 
 
 # ---------------------------------------------------------------------------------------------
-# TLS
+# aiohttp's handler, with its parse-error answers replaced
+
+# aiohttp's parse errors by class → a reason that quotes nothing of the request: their messages
+# quote the request line or the path (depending on the parser, C or Python), and a callback URL
+# carries its secret in the path or the query.
+_BAD_REQUEST = {
+    "BadStatusLine": "invalid request line",
+    "BadHttpMethod": "invalid method",
+    "InvalidURLError": "invalid URL",
+    "LineTooLong": "request line or header too long",
+    "InvalidHeader": "invalid header",
+    "TransferEncodingError": "invalid Transfer-Encoding",
+    "ContentLengthError": "invalid Content-Length",
+    "ContentEncodingError": "invalid Content-Encoding",
+}
 
 
-class TlsError(Exception):
-    """A certificate or key that cannot be used; the message names the key and the file."""
-
-
-def _refuse_password() -> bytes:
-    # without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase
-    raise TlsError("server.tls.key_file: the key is encrypted: give an unencrypted PEM key "
-                   "(readable by the receiver only)")
-
-
-def load_tls(tls: TlsConfig | None, base_dir: Path) -> ssl.SSLContext | None:
-    """A server context for ``tls`` (paths relative to ``base_dir``), or None without TLS.
-    Raises :class:`TlsError` naming the file at fault; never shows a key's content."""
-    if tls is None:
-        return None
-    cert, key = base_dir / tls.cert_file, base_dir / tls.key_file
-    texts = {}
-    for name, path in (("server.tls.cert_file", cert), ("server.tls.key_file", key)):
-        try:
-            texts[name] = path.read_text(encoding="ascii", errors="replace")
-        except OSError as exc:
-            raise TlsError(f"{name}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    try:
-        ssl.create_default_context(cadata=texts["server.tls.cert_file"])
-    except (ssl.SSLError, ValueError):
-        raise TlsError(f"server.tls.cert_file: {str(cert)!r} holds no PEM certificate "
-                       "(-----BEGIN CERTIFICATE-----)") from None
-    if "PRIVATE KEY-----" not in texts["server.tls.key_file"]:
-        raise TlsError(f"server.tls.key_file: {str(key)!r} holds no PEM private key "
-                       "(-----BEGIN PRIVATE KEY-----)")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(cert, key, password=_refuse_password)
-    except ssl.SSLError as exc:
-        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
-            raise TlsError(f"server.tls.key_file: {str(key)!r} is not the key of the certificate "
-                           f"in {str(cert)!r}") from None
-        raise TlsError(f"server.tls.key_file: cannot use {str(key)!r} with {str(cert)!r}: "
-                       f"{exc.reason or exc}") from None
-    return ctx
-
-
-# ---------------------------------------------------------------------------------------------
-# aiohttp's handler, with its parse-error answers scrubbed
-
-_QUERY = re.compile(r"\?[^\s'\"]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def scrub(text: str) -> str:
-    """``text`` without query strings (callback URLs carry their secret there) and without
-    control characters: safe to log and to answer with."""
-    return _CONTROL.sub("", _QUERY.sub("?…", text))
+def bad_request_reason(exc: BaseException | None) -> str:
+    """A fixed reason for a request aiohttp could not parse: safe to log and to answer with."""
+    for cls in type(exc).__mro__ if exc is not None else ():
+        if cls.__name__ in _BAD_REQUEST:
+            return _BAD_REQUEST[cls.__name__]
+    return "malformed request"
 
 
 class _Handler(RequestHandler):
@@ -121,9 +89,7 @@ class _Handler(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         if status != 400:  # a bug in a handler: aiohttp's 500 and its traceback (scrubbed by logs)
             return super().handle_error(request, status, exc, message)
-        text = message or getattr(exc, "message", "") or "malformed request"
-        # the reason only: what follows its first colon quotes the request (line, header, bytes)
-        reason = scrub(str(text).strip().split(":", 1)[0])[:120] or "malformed request"
+        reason = bad_request_reason(exc)
         log.info("bad HTTP request from %s: %s", request.remote, reason)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was sent already")
@@ -161,6 +127,7 @@ class _Conn(asyncio.Protocol):
             self._start(transport)
         else:
             transport.pause_reading()  # the ClientHello is for start_tls, not for aiohttp
+            self.guard.handshaking(self)
             self.guard.spawn(self._handshake(transport, tls))
 
     async def _handshake(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
@@ -172,6 +139,8 @@ class _Conn(asyncio.Protocol):
         except Exception as exc:  # any handshake failure is the client's: it is not served
             log.debug("TLS handshake failed: %r", exc)
             secure = None
+        finally:
+            self.guard.handshaken(self)
         if secure is None or self.phase is None:
             raw.abort()
             self.guard.forget(self)
@@ -231,6 +200,7 @@ class ConnectionGuard:
         self._unlogged: Counter[str] = Counter()
         self._logged_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._handshakes: OrderedDict[_Conn, None] = OrderedDict()  # oldest first
 
     def spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -253,11 +223,23 @@ class ConnectionGuard:
         self.enter(conn, "headers")
         return True
 
+    def handshaking(self, conn: _Conn) -> None:
+        """A TLS handshake starts; past MAX_HANDSHAKES the oldest one in progress is closed."""
+        self._handshakes[conn] = None
+        while len(self._handshakes) > MAX_HANDSHAKES:
+            oldest, _ = self._handshakes.popitem(last=False)
+            if oldest.phase is not None:
+                self.close(oldest, "limit")
+
+    def handshaken(self, conn: _Conn) -> None:
+        self._handshakes.pop(conn, None)
+
     def attach(self, conn: _Conn) -> None:
         assert conn.handler is not None
         self._by_handler[conn.handler] = conn
 
     def forget(self, conn: _Conn) -> None:
+        self._handshakes.pop(conn, None)
         if conn.handler is not None:
             self._by_handler.pop(conn.handler, None)
         if conn.phase is not None:
@@ -364,21 +346,27 @@ class Listener:
     taken port fails fast), ``install`` on the app (before the runner's setup), ``serve`` with
     the set-up runner, ``close`` before the runner's cleanup."""
 
-    def __init__(self, *, settings: Callable[[], ServerConfig], metrics: Metrics, clock: Clock,
-                 base_dir: Path) -> None:
-        self.base_dir = base_dir
+    def __init__(self, *, settings: Callable[[], ServerConfig], metrics: Metrics, clock: Clock) -> None:
         self.guard = ConnectionGuard(settings=settings, metrics=metrics, clock=clock,
                                      new_handler=self._new_handler)
         self._server: asyncio.base_events.Server | None = None
         self._manager: web.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # told when the sweeper stops on a bug: without it no timeout or cap holds any more
+        self.on_fatal: Callable[[str], None] = lambda reason: None
 
     def load_tls(self, cfg: Config) -> None:
         """Use ``cfg``'s certificate for new connections (TlsError: keep the current one)."""
-        self.guard.tls = load_tls(cfg.server.tls, self.base_dir)
+        self.guard.tls = load_tls(cfg.server.tls)
 
     def reload_tls(self, cfg: Config) -> list[str]:
-        """For :attr:`Receiver.reload_hooks`: the errors, or [] once the new files are in use."""
+        """For :attr:`Receiver.reload_hooks`: the errors, or [] once the new files are in use.
+        Turning TLS on or off waits for a restart, like ``listen``: clients of the port would
+        otherwise find it speaking another protocol from one connection to the next."""
+        if (cfg.server.tls is None) != (self.guard.tls is None):
+            log.warning("config reload: server.tls was %s; it takes effect after a restart",
+                        "removed" if cfg.server.tls is None else "added")
+            return []
         try:
             self.load_tls(cfg)
         except TlsError as exc:
@@ -415,6 +403,7 @@ class Listener:
         assert self._server is not None and runner.server is not None
         self._manager = runner.server
         self._sweeper = asyncio.create_task(self.guard.run(), name="listener sweep")
+        self._sweeper.add_done_callback(self._swept)
         await self._server.start_serving()
         # asyncio uses its backlog both for listen() and as the accepts per loop pass: keep the
         # pass short (a flood's 4,096 accepts at once stalled the loop ~0.4 s) but the kernel's
@@ -422,6 +411,13 @@ class Listener:
         for listening in self._server.sockets:
             with socket.fromfd(listening.fileno(), listening.family, listening.type) as same:
                 same.listen(ACCEPT_QUEUE)  # capped by net.core.somaxconn
+
+    def _swept(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.critical("the listener sweep stopped: %r", exc, exc_info=exc)
+        self.on_fatal(f"the listener sweep stopped: {exc!r}")
 
     async def close(self) -> None:
         """Stop accepting; the runner's cleanup then finishes the requests in flight."""

@@ -1,9 +1,10 @@
 """Logging: human-readable lines by default, one JSON object per line with ``log_format: json``.
 
 Nothing secret is ever passed to a logger (keys, tokens, passwords, the callback secret), and
-phone numbers are logged through :func:`receiver.phone.mask`. aiohttp's access log is not used,
-because it prints query strings, and the callback URLs carry their secret there; query strings
-are also scrubbed from whatever else is logged (:class:`ScrubQueries`).
+phone numbers are logged through :func:`receiver.phone.mask`. aiohttp's access log is not used:
+it prints paths and query strings, and a callback URL carries its secret in one of them. Query
+strings are also scrubbed from whatever else is logged (:class:`ScrubQueries`); a path is never
+logged by our handlers (they name the route pattern), nor by the listener (a fixed reason).
 
 One record is one line in either format, whatever its values hold: the text format escapes
 control characters (``\\n``, ``\\r``, ``\\x1b``, …) in every value it prints, so an alertname with

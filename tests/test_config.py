@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from receiver.config import ConfigError, load_config, parse_config, parse_duration
 from tests.helpers import make_config
@@ -406,3 +407,27 @@ def test_a_value_of_the_wrong_shape_says_which_shape_to_write():
     ]
     (err,) = errors_of("storage: {url: 'postgresql://db/sms', pasword: y}\n")
     assert err == "storage: unknown key 'pasword'"  # named once, not "storage: storage: …"
+
+
+def test_basic_auth_needs_a_password_and_suggestions_are_never_the_key_itself():
+    doc = {"groups": [{"id": "g", "members": ["+14155550123"]}],
+           "webhook_auth": {"basic_auth": {"username": "bob"}, "bearer_token": ["t"]},
+           "admin_auth": {"basic_auth": {"username": "ann", "password": "${ANN_PASS:-}"}}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(doc), env={}, base_dir=Path("."))
+    errors = "\n".join(caught.value.errors)
+    assert "webhook_auth.basic_auth.password: required key is missing" in errors, errors
+    assert "admin_auth.basic_auth.password: the password is empty" in errors, errors
+    assert "webhook_auth.bearer_token: unknown key: did you mean bearer_tokens?" in errors, errors
+
+
+def test_a_configured_callback_secret_gives_no_warning_about_it():
+    from receiver.config import config_warnings
+
+    cfg = make_config(callbacks={"secret": "s3"}, clickatell={"api_key": "k"})
+    assert not [w for w in config_warnings(cfg) if "callbacks" in w]
+    assert any("callbacks.secret is not configured" in w
+               for w in config_warnings(make_config(callbacks={}, clickatell={"api_key": "k"})))
+    # the address actually listened on decides what is said about exposure
+    assert any("not loopback-only" in w for w in config_warnings(make_config(), "0.0.0.0:9097"))
+    assert not any("not loopback-only" in w for w in config_warnings(make_config(), "127.0.0.1:9097"))

@@ -515,3 +515,37 @@ async def test_generated_requests_never_get_a_5xx(hostile_receiver, caplog, requ
         assert CB_SECRET.encode() not in answer and ADMIN_TOKEN.encode() not in answer
     ours = [r for r in caplog.records if r.name.startswith("sms_receiver")]
     assert not [r for r in ours if r.levelno >= logging.ERROR or r.exc_info], [r.getMessage() for r in ours]
+
+
+# ---------------------------------------------------------------------------------------------
+# NUL: valid JSON, but no PostgreSQL text holds it
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_nul_in_alert_data_is_paged_on_both_backends(start_receiver, fake, http, backend):
+    from tests.conftest import eventually, planned
+
+    rx = await start_receiver()
+    body = json.loads(fixture("alertmanager-0.25-firing.json"))
+    alert = body["alerts"][0]
+    alert["labels"]["alertname"] = "Disk\u0000Full"
+    alert["labels"]["x\u0000y"] = "1"
+    alert["annotations"]["summary"] = "a\u0000b"
+    body["commonLabels"]["alertname"] = "Disk\u0000Full"
+    async with http.post(f"{rx.url}/webhook/alertmanager", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+    (mid, *_) = await planned(http, rx.url, answer)
+
+    async def sent() -> bool:
+        async with http.get(f"{rx.url}/api/v1/messages/{mid}") as r:
+            return (await r.json())["state"] == "sent"
+
+    await eventually(sent)
+    texts = [m["content"] for m in await fake.messages(http)]
+    assert texts and "\x00" not in texts[0] and "Disk\ufffdFull" in texts[0]
+    # ids and filters with a NUL: a client's mistake, not the store's failure
+    async with http.get(f"{rx.url}/api/v1/messages/a%00b") as r:
+        assert r.status in (400, 404), await r.text()
+    async with http.get(f"{rx.url}/api/v1/messages", params={"group": "\x00"}) as r:
+        assert r.status in (200, 400), await r.text()

@@ -22,8 +22,9 @@ import yaml
 from aiohttp import web
 
 from receiver.app import Receiver
-from receiver.config import load_config
-from receiver.listener import Listener, TlsError, load_tls
+from receiver.config import ConfigError, load_config
+from receiver.listener import Listener
+from receiver.tls import TlsError, load_tls
 from receiver.logs import JsonFormatter, RedactKeys, ScrubQueries, TextFormatter
 from receiver.web import create_app
 from tests.conftest import API_KEY, Fake, eventually
@@ -69,7 +70,7 @@ async def serve(tmp_path: Path, fake: Fake) -> AsyncIterator[Any]:
         cfg = load_config(path)
         receiver = Receiver(cfg, config_path=path)
         listener = Listener(settings=lambda: receiver.config.server, metrics=receiver.metrics,
-                            clock=receiver.clock, base_dir=tmp_path)
+                            clock=receiver.clock)
         listener.load_tls(cfg)
         receiver.reload_hooks.append(listener.reload_tls)
         await listener.bind("127.0.0.1", 0)
@@ -242,20 +243,60 @@ async def test_https_webhook_and_a_reload_serves_the_renewed_certificate(serve, 
     assert await _served_name(srv.port, tmp_path) == "renewed"
 
 
+async def test_tls_handshakes_in_progress_are_capped(serve, tmp_path: Path):
+    """Bare ClientHello starts hold buffers until they end: at most MAX_HANDSHAKES are kept (the
+    oldest closed first), and a real client still gets in."""
+    from receiver.listener import MAX_HANDSHAKES
+
+    _self_signed(tmp_path, "first")
+    srv = await serve(server={"tls": {"cert_file": "tls.crt", "key_file": "tls.key"}})
+    stalled = []
+    for _ in range(MAX_HANDSHAKES + 40):
+        _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"\x16\x03\x01")  # the start of a record, never finished
+        stalled.append(writer)
+    limit = srv.receiver.metrics.http_closed.labels("limit")
+
+    async def capped() -> bool:
+        return limit._value.get() >= 40
+
+    await eventually(capped)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_client(tmp_path))) as http:
+        async with http.get(f"https://127.0.0.1:{srv.port}/-/healthy") as resp:
+            assert resp.status == 200
+    for writer in stalled:
+        writer.close()
+
+
 def test_a_bad_certificate_or_key_is_an_error_naming_the_file(tmp_path: Path):
     from receiver.config.model import TlsConfig
 
+    def tls(cert: str, key: str) -> TlsConfig:  # relative to the config file's directory
+        return TlsConfig.model_validate({"cert_file": cert, "key_file": key},
+                                        context={"base_dir": str(tmp_path)})
+
     with pytest.raises(TlsError, match=r"server.tls.cert_file: cannot read '.*missing.crt': No such file"):
-        load_tls(TlsConfig(cert_file="missing.crt", key_file="k"), tmp_path)
+        load_tls(tls("missing.crt", "k"))
     _self_signed(tmp_path, "a")
     (tmp_path / "other").mkdir()
     _self_signed(tmp_path / "other", "b")
     with pytest.raises(TlsError, match=r"server.tls.key_file: '.*other/tls.key' is not the key of the certificate"):
-        load_tls(TlsConfig(cert_file="tls.crt", key_file="other/tls.key"), tmp_path)
+        load_tls(tls("tls.crt", "other/tls.key"))
     (tmp_path / "bad.crt").write_text("hello\n")
     with pytest.raises(TlsError, match=r"server.tls.cert_file: '.*bad.crt' holds no PEM certificate"):
-        load_tls(TlsConfig(cert_file="bad.crt", key_file="tls.key"), tmp_path)
-    assert load_tls(TlsConfig(cert_file=str(tmp_path / "tls.crt"), key_file="tls.key"), tmp_path) is not None
+        load_tls(tls("bad.crt", "tls.key"))
+    assert load_tls(tls(str(tmp_path / "tls.crt"), "tls.key")) is not None
+
+
+def test_check_config_reports_a_bad_certificate_with_the_other_errors(tmp_path: Path):
+    (tmp_path / "bad.crt").write_text("hello\n")
+    (tmp_path / "c.yaml").write_text(
+        "grups: []\nserver: {tls: {cert_file: bad.crt, key_file: bad.key}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "c.yaml")
+    errors = caught.value.errors
+    assert any(e.startswith("grups: unknown key") for e in errors), errors
+    assert any(e.startswith("server.tls.key_file: cannot read") and "bad.key" in e for e in errors), errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +339,10 @@ def _raw(port: int, request: bytes) -> bytes:
     b"GET /callbacks/clickatell/status?secret=" + SECRET.encode() + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
     b"GET /callbacks/clickatell/status HTTP/1.1\r\nX-Callback-Secret: " + SECRET.encode() + b"a" * 9000 + b"\r\n\r\n",
     b"GET /callbacks/clickatell/status?secret=" + SECRET.encode() + b" HTTP/1.1\r\nBad\x00Header: 1\r\n\r\n",
-], ids=["control-char", "long-line", "long-header", "bad-header"])
+    # the secret as a path segment: aiohttp's Python parser quotes the bare path in its error
+    b"GET /callbacks/clickatell/status/" + SECRET.encode() + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /callbacks/clickatell/status/" + SECRET.encode() + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+], ids=["control-char", "long-line", "long-header", "bad-header", "path-control-char", "path-long-line"])
 async def test_the_http_servers_own_errors_never_show_the_request(serve, captured, request_bytes: bytes):
     srv = await serve()
     answer = await asyncio.to_thread(_raw, srv.port, request_bytes)
@@ -358,3 +402,23 @@ def test_text_format_escapes_values_and_indents_continuation_lines():
     assert first.endswith("reload failed:") and second == "      a\\u2028b\\x85c"
     json_line = JsonFormatter().format(logging.makeLogRecord({"msg": "%s", "args": ("x\u2028y\n",)}))
     assert len(json_line.splitlines()) == 1 and json.loads(json_line)["msg"] == "x\u2028y\n"
+
+
+@pytest.mark.parametrize("path", ["/webhook/alertmanager", "/send", f"/callbacks/clickatell/status/{SECRET}"])
+async def test_a_client_gone_mid_body_is_one_line_not_a_traceback(serve, captured, path: str):
+    srv = await serve()
+    auth = f"Bearer {ADMIN if path == '/send' else TOKEN}"
+    _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+                 "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n[1,2".encode())
+    await writer.drain()
+    writer.close()
+
+    async def told() -> bool:
+        return "client disconnected before it was answered" in captured["text"].getvalue()
+
+    await eventually(told)
+    for fmt, stream in captured.items():
+        text = stream.getvalue()
+        assert "Traceback" not in text and "Error handling request" not in text, (fmt, text)
+        assert SECRET not in text, fmt
