@@ -17,7 +17,12 @@ Control endpoints (the fake's own, under ``/_fake/``):
   ``answer_delay`` (seconds between accepting a send's messages and answering it: the window
   in which a sender that dies has had its SMS sent without learning so), ``balance``,
   ``currency``;
-- ``POST /_fake/reset``: forget messages, counters and modes.
+- ``POST /_fake/reset``: forget messages, counters and modes;
+- ``POST /_fake/reply``: JSON ``{"from": "886911960999", "text": "ACK 42", "to": "27999000001",
+  "shape": "rest" | "one_api", "charset": "UTF-8"}``: a phone's reply, delivered as Clickatell
+  would to the reply callback URL (``--reply-callback``, or ``"url"`` in the body), in the REST/HTTP
+  shape or the One API ``moText`` envelope, naming the last message sent to that number as the
+  one replied to. Answers the callback's status and body.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class FakeState:
     balance: float = 1267.92865
     currency: str = "ZAR"
     status_callback_url: str | None = None
+    reply_callback_url: str | None = None  # where POST /_fake/reply delivers replies
     messages: list[dict[str, Any]] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     by_api_id: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -329,6 +335,41 @@ async def fake_reset(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def fake_reply(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    try:
+        body = await request.json()
+    except ValueError:
+        return web.json_response({"error": "body must be JSON"}, status=400)
+    if not isinstance(body, dict) or not isinstance(body.get("from"), str) or not isinstance(body.get("text"), str):
+        return web.json_response({"error": "from and text (strings) are required"}, status=400)
+    url = body.get("url") or state.reply_callback_url
+    if not url:
+        return web.json_response({"error": "no reply callback URL: start with --reply-callback or give url"},
+                                 status=400)
+    number = body["from"].lstrip("+")
+    last = next((m for m in reversed(state.messages) if m["to"] == number), None)
+    reply_id, stamp = uuid.uuid4().hex, int(time.time() * 1000)
+    charset = body.get("charset", "UTF-8")
+    if body.get("shape", "rest") == "one_api":
+        payload: dict[str, Any] = {"integrationId": "fake", "integrationName": "fake", "event": {"moText": [{
+            "channel": "sms", "messageId": reply_id, "relatedMessageId": last and last["apiMessageId"],
+            "relatedClientMessageId": last and last["clientMessageId"], "from": number,
+            "to": body.get("to", ""), "timestamp": stamp, "content": body["text"], "charset": charset,
+            "sms": {"network": "fake"}}]}}
+    else:
+        payload = {"integrationName": "fake", "messageId": last and last["apiMessageId"],
+                   "replyMessageId": reply_id, "fromNumber": number, "toNumber": body.get("to", ""),
+                   "timestamp": stamp, "text": body["text"], "charset": charset}
+    try:
+        async with request.app[SESSION_KEY].post(url, json=payload) as r:
+            answer = await r.text()
+            status = r.status
+    except aiohttp.ClientError as exc:
+        return web.json_response({"error": f"reply callback failed: {type(exc).__name__}"}, status=502)
+    return web.json_response({"status": status, "answer": answer, "replyMessageId": reply_id})
+
+
 async def _session(app: web.Application):  # cleanup context
     app[SESSION_KEY] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
     app[CALLBACKS_KEY] = set()
@@ -371,6 +412,7 @@ def create_app(state: FakeState | None = None) -> web.Application:
     app.router.add_get("/_fake/requests", fake_requests)
     app.router.add_post("/_fake/mode", fake_mode)
     app.router.add_post("/_fake/reset", fake_reset)
+    app.router.add_post("/_fake/reply", fake_reply)
     return app
 
 
@@ -412,6 +454,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance", type=float, default=1267.92865)
     parser.add_argument("--currency", default="ZAR")
     parser.add_argument("--status-callback", metavar="URL", help="POST delivery reports here")
+    parser.add_argument("--reply-callback", metavar="URL", help="POST /_fake/reply delivers replies here")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -433,7 +476,7 @@ def _run(args: argparse.Namespace) -> int:
         global_error = {"code": int(code), "status": int(status or 400)}
     state = FakeState(api_keys=keys, reject_numbers=rejects, global_error=global_error,
                       delay=args.delay, balance=args.balance, currency=args.currency,
-                      status_callback_url=args.status_callback)
+                      status_callback_url=args.status_callback, reply_callback_url=args.reply_callback)
     try:
         host, port = _split_listen(args.listen)
     except ValueError as exc:

@@ -17,7 +17,9 @@ from receiver import gc_tuning
 from receiver.clickatell import ClickatellClient, ClickatellError
 from receiver.clock import Clock, SystemClock
 from receiver.config import Config, ConfigError, config_warnings, lease_problem, load_config
+from receiver.acks import Replies
 from receiver.dispatch import Dispatcher
+from receiver.escalation import Escalator
 from receiver.metrics import Metrics
 from receiver.pipeline import Snapshot
 from receiver.planner import Planner
@@ -75,6 +77,11 @@ class Receiver:
             planned=self.dispatcher.wake,
             answering=lambda: self.answering > 0,
         )
+        # Two-way paging: escalation rounds, and what SMS replies do
+        self.escalator = Escalator(store=self.store, snapshot=lambda: self._snapshot, metrics=self.metrics,
+                                   clock=self.clock, sent=self.dispatcher.wake)
+        self.replies = Replies(store=self.store, snapshot=lambda: self._snapshot, metrics=self.metrics,
+                               clock=self.clock, sent=self.dispatcher.wake, escalate=self.escalator.wake)
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self.last_reload_ok = True
@@ -82,6 +89,7 @@ class Receiver:
         # Called by reload() with a valid new config before it is used; each returns its errors
         # (none: it applied its part). The CLI's listener re-reads its TLS files here.
         self.reload_hooks: list[Callable[[Config], list[str]]] = []
+        self.listen: str | None = None  # run --listen, when it overrides the config's
 
     def _reloaded(self, ok: bool) -> None:
         self.last_reload_ok = ok
@@ -115,12 +123,13 @@ class Receiver:
         cfg = self.config
         self._init_metrics(cfg)
         self._reloaded(True)
-        for warning in config_warnings(cfg):
+        for warning in config_warnings(cfg, self.listen):
             log.warning("%s", warning)
         if plan:
             self._spawn(self.planner.run(), "planner")
         if dispatch:
             self._spawn(self.dispatcher.run(), "dispatcher")
+            self._spawn(self.escalator.run(), "escalator")
             self._spawn(self._poll_balances(), "balance")
             self._spawn(self._prune_forever(), "prune")
 
@@ -208,7 +217,8 @@ class Receiver:
         last = self.dispatcher.last_run
         age = None if last is None else self.clock.monotonic() - last
         errors = [f"{name}: {error}" for name, error in (("dispatcher", self.dispatcher.last_error),
-                                                         ("planner", self.planner.last_error)) if error]
+                                                         ("planner", self.planner.last_error),
+                                                         ("escalator", self.escalator.last_error)) if error]
         return Health(
             running=age is not None and age <= max(5.0, 3 * self.config.dispatch.poll_interval),
             last_run_age=age,
@@ -262,7 +272,7 @@ class Receiver:
             self._init_metrics(new)
             self._reloaded(True)
             gc_tuning.after_reload()
-            for warning in config_warnings(new):
+            for warning in config_warnings(new, self.listen):
                 log.warning("%s", warning)
             try:  # a fixed key must not wait for the backoff of what it held back
                 await self.store.retry_now(self.clock.now())

@@ -23,7 +23,7 @@ from receiver.config import (
 )
 from receiver.ingest import InvalidPayload, parse_webhook
 from receiver.logs import setup_logging
-from receiver.pipeline import Snapshot, plan_notification, policy
+from receiver.pipeline import Snapshot, plan_notification, policy, refs_wanted, with_refs
 
 log = logging.getLogger("sms_receiver")
 
@@ -34,7 +34,9 @@ def _throttle_text(cfg: Config) -> str:
         return "no throttle"
     rules = ", ".join(f"{r.count} per {format_duration(r.window)}" for r in p.throttle)
     urgent = p.urgent_level or cfg.levels[0].name
-    return f"at most {rules} (held into a bundle; {urgent} held at most {format_duration(p.urgent_max_delay)})"
+    c, bound = p.urgent_ceiling, format_duration(p.urgent_max_delay)
+    past = f" up to {c.count} per {format_duration(c.window)}, then held at most {bound}" if c else ""
+    return f"at most {rules} (held into a bundle; firing {urgent} at once{past}; resolved at most {bound})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +96,7 @@ async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
     stop = asyncio.Event()
     broken: list[str] = []
     metrics, clock = Metrics(), SystemClock()
-    listener = Listener(settings=lambda: cfg.server, metrics=metrics, clock=clock,
-                        base_dir=config_path.parent)
+    listener = Listener(settings=lambda: cfg.server, metrics=metrics, clock=clock)
     listener.load_tls(cfg)
     host, port = split_listen(listen)
     try:
@@ -106,12 +107,13 @@ async def _serve(cfg: Config, config_path: Path, listen: str) -> int:
     receiver = Receiver(cfg, config_path=config_path, metrics=metrics, clock=clock)
     listener.guard.settings = lambda: receiver.config.server  # the live config's: a reload applies
     receiver.reload_hooks.append(listener.reload_tls)
+    receiver.listen = listen
 
     def on_fatal(reason: str) -> None:
         broken.append(reason)
         stop.set()
 
-    receiver.on_fatal = on_fatal
+    receiver.on_fatal = listener.on_fatal = on_fatal
     app = create_app(receiver)
     listener.install(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -173,8 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--listen: {listen!r} is not HOST:PORT", file=sys.stderr)
         return 2
-    from receiver.listener import TlsError
     from receiver.store import StoreError
+    from receiver.tls import TlsError
 
     try:
         return asyncio.run(_serve(cfg, Path(args.config), listen))
@@ -199,13 +201,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for line in exc.errors:
             print(line)
-        return 1
-    from receiver.listener import TlsError, load_tls
-
-    try:  # what run would load: the listener's certificate and key
-        load_tls(cfg.server.tls, Path(args.file).parent)
-    except TlsError as exc:
-        print(exc)
         return 1
     for warning in config_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
@@ -236,6 +231,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
+    if args.payload is None:
+        return _render_send(args, cfg)
     try:
         body = Path(args.payload).read_bytes()
     except OSError as exc:
@@ -247,13 +244,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     except InvalidPayload as exc:
         print(f"{args.payload}: {exc.reason}", file=sys.stderr)
         return 1
-    now = datetime.fromisoformat(args.now.replace("Z", "+00:00")).timestamp() if args.now else None
-    if now is None:
-        from receiver.clock import SystemClock
-
-        now = SystemClock().now()
+    now = _render_time(args)
     snap = Snapshot.build(cfg)
     plan = plan_notification(notification, "-", snap, now)
+    plan = with_refs(plan, range(1, refs_wanted(plan, snap) + 1), snap, now)  # two-way: " #1", " #2" …
     throttle = _throttle_text(cfg)
 
     if args.json:
@@ -307,6 +301,97 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_time(args: argparse.Namespace) -> float:
+    if args.now:
+        return datetime.fromisoformat(args.now.replace("Z", "+00:00")).timestamp()
+    from receiver.clock import SystemClock
+
+    return SystemClock().now()
+
+
+def _render_send(args: argparse.Namespace, cfg: Config) -> int:
+    """``render --send '[{…}]'`` / ``--send-file``: what ``POST /send`` would store for each item,
+    from the same code (:func:`receiver.send.plan_item`). Exit 1 when an item would be refused
+    (the endpoint's 422 for that item), with the reason."""
+    from receiver.ingest import parse_send
+    from receiver.send import plan_item
+
+    if args.send is not None:
+        body, where = args.send.encode(), "--send"
+    else:
+        where = "--send-file"
+        try:
+            body = Path(args.send_file).read_bytes()
+        except OSError as exc:
+            print(f"--send-file: cannot read {args.send_file!r}: {exc.strerror}", file=sys.stderr)
+            return 1
+    try:
+        items = parse_send(body)
+    except InvalidPayload as exc:
+        print(f"{where}: {exc.reason}", file=sys.stderr)
+        return 1
+    now = _render_time(args)
+    snap = Snapshot.build(cfg)
+    planned = [(i, item, plan_item(item, snap, now, "-")) for i, item in enumerate(items)]
+    throttle = _throttle_text(cfg)
+
+    def group_id(item: Any) -> str | None:
+        return getattr(item, "groupId", None)
+
+    if args.json:
+        out = {
+            "source": "send",
+            "items": len(items),
+            "dryRun": cfg.dry_run,
+            "messages": [
+                {
+                    "index": i,
+                    "group": m.group_id,
+                    "level": m.level,
+                    "template": (item.template or cfg.groups_by_id[m.group_id].send_template)
+                    if item.useTemplate else None,
+                    "recipients": list(m.recipients),
+                    "text": m.sms.text,
+                    "encoding": m.sms.encoding,
+                    "parts": m.sms.parts,
+                    "truncated": m.sms.truncated,
+                    "templateError": m.template_error,
+                    "policy": policy(m, snap, now).describe(),
+                }
+                for i, item, m in planned if not isinstance(m, str)
+            ],
+            "rejected": [{"index": i, "groupId": group_id(item), "error": m}
+                         for i, item, m in planned if isinstance(m, str)],
+            "throttle": throttle,
+        }
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 1 if out["rejected"] else 0
+
+    accepted = sum(not isinstance(m, str) for _, _, m in planned)
+    print(f"source: send, {len(items)} item(s), {accepted} message(s)"
+          f"{' — DRY-RUN: no API key configured' if cfg.dry_run else ''}")
+    for i, item, m in planned:
+        print()
+        if isinstance(m, str):
+            print(f"item {i} (groupId {group_id(item)!r}): REJECTED (422): {m}")
+            continue
+        group = cfg.groups_by_id[m.group_id]
+        what = (f"send template {item.template or group.send_template}" if item.useTemplate
+                else "message" + (" with variables" if item.variables else ""))
+        print(f"item {i}: group {m.group_id}" + (f" ({group.name})" if group.name else "")
+              + f": level {m.level}, {what}")
+        print(f"  recipients: {', '.join(m.recipients)}")
+        print(f"  policy: {policy(m, snap, now).describe()}; then per number: {throttle}")
+        print(f"  {m.sms.encoding}, {m.sms.parts} part(s), {len(m.sms.text)} characters"
+              + (", cut to clickatell.max_parts" if m.sms.truncated else ""))
+        if m.template_error:
+            print(f"  TEMPLATE FAILED ({m.template_error}): the fallback text below is sent")
+        print("  text:")
+        for line in m.sms.text.splitlines() or [""]:
+            print(f"    | {line}")
+    return 0 if accepted == len(items) else 1
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -330,9 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="the config file to check (as run would load it, TLS files included)")
     check.set_defaults(func=cmd_check_config)
 
-    render = sub.add_parser("render", help="print the SMS a payload would produce; sends nothing")
+    render = sub.add_parser("render", help="print the SMS a payload (or /send items) would produce; "
+                            "sends nothing")
     render.add_argument("--config", required=True, help="the config file whose routes and templates apply")
-    render.add_argument("--payload", required=True, help="a webhook body (JSON file)")
+    what = render.add_mutually_exclusive_group(required=True)
+    what.add_argument("--payload", help="a webhook body (JSON file)")
+    what.add_argument("--send", metavar="JSON", help="a /send body: '[{\"groupId\": ID, \"useTemplate\": "
+                      "true, \"variables\": {...}}]' (exit 1 when an item would be refused)")
+    what.add_argument("--send-file", metavar="FILE", help="a /send body from a file")
     render.add_argument("--source", choices=("alertmanager", "grafana"),
                         help="default: guessed from the payload")
     render.add_argument("--now", help="RFC 3339 time to render at (default: now)")

@@ -42,7 +42,10 @@ KNOWN_ERROR_CODES = (
 FAIL_REASONS = ("rejected", "permanent", "dead")
 DELIVERY_STATUSES = ("delivered", "undelivered", "in_progress", "unknown",
                      "invalid", "too_large", "unauthorized")  # the last three: requests refused
-REPLY_ACTIONS = ("recorded", "unknown_message")
+REPLY_ACTIONS = ("recorded", "unknown_message",  # two-way paging (receiver.acks):
+                 "ack", "unack", "esc", "help", "unknown", "invalid", "unknown_page", "refused",
+                 "duplicate", "malformed")
+SILENCE_OUTCOMES = ("created", "failed", "none", "expired", "expire_failed")
 HTTP_CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "limit")
 
 # SMS latencies: a Clickatell request takes 100 ms to a few seconds; a page from webhook to
@@ -177,6 +180,17 @@ class Metrics:
         self.replies = Counter(
             p + "replies_total", "Inbound SMS replies by action taken.", ["action"], registry=r,
         )
+        self.acks = Counter(p + "acks_total", "Pages acknowledged by SMS reply, by paged group.",
+                            ["group"], registry=r)
+        self.escalations = Counter(p + "escalations_total", "Escalation rounds sent, by paged group.",
+                                   ["group"], registry=r)
+        self.ack_seconds = Histogram(p + "ack_seconds", "Time from a page to its acknowledgement.",
+                                     buckets=(30, 60, 120, 300, 600, 900, 1800, 3600, 7200), registry=r)
+        self.silences = Counter(p + "silences_total", "Alertmanager silences made or expired by SMS replies, "
+                                "by outcome (none: no Alertmanager configured for the page).",
+                                ["outcome"], registry=r)
+        for outcome in SILENCE_OUTCOMES:
+            self.silences.labels(outcome)
         self.balance = Gauge(
             p + "clickatell_balance", "Clickatell account balance, by account and currency.",
             ["account", "currency"], registry=r,
@@ -277,6 +291,8 @@ class Metrics:
                 c.labels(gid)
             for reason in HOLD_REASONS:
                 self.held.labels(gid, reason)
+            self.acks.labels(gid)
+            self.escalations.labels(gid)
             for reason in FAIL_REASONS:
                 self.sms_failed.labels(gid, reason)
 

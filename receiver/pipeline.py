@@ -19,7 +19,9 @@ from receiver.models import AlertStatus, GroupDelivery, NewMessage, Notification
 from receiver.paging import Policy, Throttle, policy_for
 from receiver.render import Renderer, build_context
 from receiver.routing import RoutingResult, alert_level, route
+from receiver.store import NewPage
 from receiver.summary import alert_item
+from receiver.twoway import with_ref
 
 
 def new_message_id(now: float) -> str:
@@ -47,6 +49,7 @@ class Snapshot:
 class Plan:
     messages: tuple[NewMessage, ...]
     routing: RoutingResult
+    pages: tuple[NewPage, ...] = ()  # two-way pages among ``messages`` (after :func:`with_refs`)
 
 
 def message_ids(notification_id: str, group_ids: Sequence[str]) -> list[str]:
@@ -130,3 +133,43 @@ def plan_send(item: SendItem, snap: Snapshot, now: float, message_id: str) -> Ne
             source="send", alert_count=0, priority=cfg.level_rank(level),
         )
     return with_policy(message, snap, now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-way paging: a page's reference, said once at the end of its text
+
+
+def _two_way(message: NewMessage, snap: Snapshot) -> bool:
+    group = snap.config.groups_by_id.get(message.group_id)
+    return bool(group and group.two_way and message.status is AlertStatus.FIRING and not message.suppressed)
+
+
+def refs_wanted(plan: Plan, snap: Snapshot) -> int:
+    """How many page references :func:`with_refs` needs: one per firing page of a two-way group."""
+    return sum(_two_way(m, snap) for m in plan.messages)
+
+
+def with_refs(plan: Plan, refs: Sequence[int], snap: Snapshot, now: float) -> Plan:
+    """The plan with `` #<ref>`` at the end of each two-way page (``refs`` in order, as many as
+    :func:`refs_wanted`) and the pages to store beside them, their first escalation due ``now``
+    (the time of receipt) plus the group's ``escalate.after``."""
+    cfg = snap.config
+    it = iter(refs)
+    messages, pages = [], []
+    for message, delivery in zip(plan.messages, plan.routing.deliveries, strict=True):
+        if not _two_way(message, snap):
+            messages.append(message)
+            continue
+        ref = next(it)
+        group = cfg.groups_by_id[message.group_id]
+        messages.append(replace(message, sms=with_ref(message.sms, ref, cfg.clickatell.max_parts)))
+        alerts = tuple((alert_item(a, "", 0).key, dict(a.labels)) for a in delivery.alerts
+                       if a.status is AlertStatus.FIRING)
+        escalate_at = now + group.escalate.after if group.escalate is not None else None
+        pages.append(NewPage(ref, message.id, group.id, message.source, escalate_at, alerts))
+    return replace(plan, messages=tuple(messages), pages=tuple(pages))
+
+
+def resolved_keys(notification: Notification) -> tuple[str, ...]:
+    """The keys of a notification's resolved alerts: every page of theirs stops escalating."""
+    return tuple(alert_item(a, "", 0).key for a in notification.alerts if a.status is AlertStatus.RESOLVED)

@@ -26,7 +26,7 @@ from receiver.config import Config
 from receiver.ingest import parse_webhook
 from receiver.metrics import Metrics
 from receiver.models import Alert, AlertStatus, NewMessage, Notification
-from receiver.pipeline import Plan, Snapshot, plan_notification
+from receiver.pipeline import Plan, Snapshot, plan_notification, refs_wanted, resolved_keys, with_refs
 from receiver.routing import RoutingResult, alert_level, matched_groups
 from receiver.store import Planned, Store, StoreError
 
@@ -98,11 +98,17 @@ class Planner:
                 try:
                     notification = parse_webhook(row.body, row.source)  # type: ignore[arg-type]
                     plan = plan_notification(notification, row.id, snap, row.received_at)
+                    if wanted := refs_wanted(plan, snap):  # two-way pages: their " #<ref>"
+                        plan = with_refs(plan, await self._store.allocate_refs(wanted), snap, row.received_at)
+                except StoreError as exc:  # no page reference: nothing moved on, planned again next pass
+                    self._error(exc)
+                    return 0
                 except Exception as exc:  # noqa: BLE001 - validated on receipt: only a bug lands here
                     log.exception("cannot plan notification %s; it is kept with its error", row.id)
                     plans.append(Planned(row.id, row.received_at, error=f"{type(exc).__name__}: {exc}"))
                 else:
-                    plans.append(Planned(row.id, row.received_at, plan.messages))
+                    plans.append(Planned(row.id, row.received_at, plan.messages, pages=plan.pages,
+                                         resolved=resolved_keys(notification)))
                     counted.append((notification, plan))
                 self._spent += time.perf_counter() - started
                 await asyncio.sleep(0)  # let webhook answers in between

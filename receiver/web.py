@@ -7,8 +7,10 @@ retries, 4xx with a short JSON reason for input that can never be valid, and nev
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -28,7 +30,7 @@ from receiver.auth import (
     webhook_denied,
 )
 from receiver.callbacks import parse_form, parse_status_callback
-from receiver.config import AdminAuth, Config, parse_duration
+from receiver.config import AdminAuth, parse_duration
 from receiver.ingest import (
     InvalidPayload,
     SendItem,
@@ -39,9 +41,11 @@ from receiver.ingest import (
     validate_webhook,
 )
 from receiver.models import MESSAGE_STATES
-from receiver.pipeline import new_message_id, plan_send
+from receiver.pipeline import new_message_id
 from receiver.routing import route
-from receiver.store import MessageQuery, MessageRecord, Received, StoreError
+from receiver.send import plan_item
+from receiver.store import MessageQuery, MessageRecord, PageRecord, Received, StoreError
+from receiver.twoway import parse_reply_callback
 
 log = logging.getLogger("sms_receiver.web")
 
@@ -117,8 +121,10 @@ def admin(handler: Handler) -> Handler:
         denied = admin_denied(auth, request.headers.get("Authorization"), request.remote, proxied)
         if denied is not None:
             # the route's pattern, not the path: one line per refusal, nothing the client chose
-            log.warning("admin refused route=%s status=%d reason=%r",
-                        request.match_info.route.resource.canonical, denied.status, denied.reason)
+            route = request.match_info.route.resource.canonical
+            log.warning("admin refused route=%s status=%d reason=%r", route, denied.status, denied.reason)
+            if route == "/send":
+                request.app[RECEIVER].metrics.webhooks.labels("send", "unauthorized").inc()
             return _unauthorized(auth, "sms-receiver admin", denied)
         return await handler(request)
 
@@ -217,6 +223,10 @@ async def grafana_webhook(request: web.Request) -> web.Response:
     return await _webhook(request, "grafana")
 
 
+SEND_MAX_ITEMS = 1000  # items of one /send request
+SEND_CPU_BUDGET = 2.0  # seconds of CPU one /send request's renders may take in all
+
+
 @admin
 async def send(request: web.Request) -> web.Response:
     r = request.app[RECEIVER]
@@ -231,17 +241,27 @@ async def send(request: web.Request) -> web.Response:
     except InvalidPayload as exc:
         return _refused_send(r, "invalid", _error(exc.status, exc.reason), exc.reason)
 
+    if len(items) > SEND_MAX_ITEMS:
+        return _refused_send(r, "invalid", _error(422, f"{len(items)} items: at most {SEND_MAX_ITEMS} "
+                                                       "per request"), "too many items")
     now = r.clock.now()
     answers: list[dict[str, Any]] = []
     messages = []
+    spent = time.thread_time() + SEND_CPU_BUDGET
     for i, item in enumerate(items):
-        error = _send_item_problem(item, cfg)
-        if error is not None:
+        if i and time.thread_time() > spent:  # each render is bounded; so is the whole request
+            answers.append({"index": i, "groupId": getattr(item, "groupId", None), "status": "rejected",
+                            "error": f"this request's rendering took over {SEND_CPU_BUDGET:g}s of CPU: "
+                                     "send the remaining items in another request"})
+            continue
+        if i:
+            await asyncio.sleep(0)  # webhooks and sends go on between two items
+        msg = plan_item(item, snap, now, new_message_id(now))
+        if isinstance(msg, str):
             gid = item.groupId if isinstance(item, SendItem) else None
-            answers.append({"index": i, "groupId": gid, "status": "rejected", "error": error})
+            answers.append({"index": i, "groupId": gid, "status": "rejected", "error": msg})
             continue
         assert isinstance(item, SendItem)
-        msg = plan_send(item, snap, now, new_message_id(now))
         messages.append(msg)
         answers.append({
             "index": i, "groupId": item.groupId, "status": "accepted", "messageId": msg.id,
@@ -270,17 +290,6 @@ def _refused_send(r: Receiver, outcome: str, response: web.Response, reason: str
     r.metrics.webhooks.labels("send", outcome).inc()
     log.warning("send outcome=%s status=%d reason=%r", outcome, response.status, reason[:200])
     return response
-
-
-def _send_item_problem(item: SendItem | InvalidPayload, cfg: Config) -> str | None:
-    if isinstance(item, InvalidPayload):
-        return item.reason
-    if cfg.group(item.groupId) is None:
-        known = ", ".join(g.id for g in cfg.groups) or "none configured"
-        return f"unknown groupId {item.groupId!r} (groups: {known})"
-    if item.useTemplate and item.template is not None and item.template not in cfg.templates:
-        return f"unknown template {item.template!r}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,12 +357,65 @@ async def status_callback(request: web.Request) -> web.Response:
     return _json({"status": "ok", "reports": len(reports)})
 
 
+async def reply_callback(request: web.Request) -> web.Response:
+    """Clickatell's reply (two-way) callback: each reply acted on by :mod:`receiver.acks`.
+    Refused (and counted in ``replies_total``) without the callback secret, or malformed; a
+    reply from a number in no group is counted ``refused`` and answers 200 (Clickatell would
+    only retry it)."""
+    r = request.app[RECEIVER]
+    m = r.metrics
+
+    def refused(action: str, response: web.Response, reason: str) -> web.Response:
+        m.replies.labels(action).inc()
+        log.warning("reply callback outcome=%s status=%d reason=%r", action, response.status, reason[:200])
+        return response
+
+    denied = _callback_denied(request)
+    if denied is not None:  # logged without the path or query: they may hold a secret
+        return refused("refused", _error(denied.status, denied.reason), denied.reason)
+    try:
+        if request.method == "POST":
+            body = await _read_body(request, r.config.max_body_bytes)
+            fields: Any = parse_form(body) if request.content_type.endswith("form-urlencoded") else body
+        else:
+            fields = _query_fields(request)
+        replies = parse_reply_callback(fields)
+    except _Refused as exc:
+        return refused("malformed", exc.response, str(exc))
+    except ValueError as exc:  # BadReply, or form fields that are not UTF-8
+        return refused("malformed", _error(400, str(exc)), str(exc))
+    actions = []
+    for reply in replies:
+        try:
+            action = await r.replies.handle(reply)
+        except StoreError:
+            return _error(503, "could not record the reply; retry")
+        m.replies.labels(action).inc()
+        actions.append(action)
+    return _json({"status": "ok", "replies": actions})
+
+
 # ---------------------------------------------------------------------------------------------
 # Admin API
 
 
-def _message_json(msg: MessageRecord) -> dict[str, Any]:
+def _page_json(page: PageRecord | None) -> dict[str, Any]:
+    """Two-way paging: the page's reference, its acknowledgements and escalation rounds."""
+    if page is None:
+        return {"ref": None, "acks": [], "escalations": []}
     return {
+        "ref": page.ref,
+        "acks": [{"by": a.by, "at": _iso(a.at), "until": _iso(a.until), "unackedAt": _iso(a.unacked_at),
+                  "silenceId": a.silence_ids[0] if a.silence_ids else None, "silenceIds": list(a.silence_ids),
+                  "silence": a.outcome} for a in page.acks],
+        "escalations": [{"round": e.round, "to": e.group_id, "at": _iso(e.at), "messageId": e.message_id}
+                        for e in page.escalations],
+    }
+
+
+def _message_json(msg: MessageRecord, page: PageRecord | None = None) -> dict[str, Any]:
+    return {
+        **_page_json(page),
         "id": msg.id,
         "createdAt": _iso(msg.created_at),
         "source": msg.source,
@@ -426,7 +488,11 @@ async def list_messages(request: web.Request) -> web.Response:
         )
     except StoreError as exc:
         return _error(503, f"store unavailable: {exc}")
-    return _json({"messages": [_message_json(msg) for msg in messages]})
+    try:
+        pages = await r.store.pages_of([msg.id for msg in messages])
+    except StoreError as exc:
+        return _error(503, f"store unavailable: {exc}")
+    return _json({"messages": [_message_json(msg, pages.get(msg.id)) for msg in messages]})
 
 
 @admin
@@ -436,10 +502,11 @@ async def get_message(request: web.Request) -> web.Response:
     try:
         msg = await r.store.get_message(mid)
         received = None if msg is not None else await r.store.received(mid)
+        page = (await r.store.pages_of([mid])).get(mid) if msg is not None else None
     except StoreError as exc:
         return _error(503, f"store unavailable: {exc}")
     if msg is not None:
-        return _json(_message_json(msg))
+        return _json(_message_json(msg, page))
     if received is not None:  # answered, not planned yet: the planner is behind (or failed on it)
         return _json({"id": mid, "state": "received", "source": received.source,
                       "createdAt": _iso(received.received_at), "recipients": [],
@@ -458,6 +525,7 @@ async def list_groups(request: web.Request) -> web.Response:
                 "level": cfg.group_level(g),
                 "members": list(g.members),
                 "template": g.template,
+                "sendTemplate": g.send_template,
                 "sendResolved": g.send_resolved,
                 "ownApiKey": bool(g.api_key.get_secret_value()),
             }
@@ -536,6 +604,22 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(text="sms-receiver is Ready.\n")
 
 
+def openapi_document() -> bytes:
+    """The OpenAPI 3.1 document of these endpoints, kept in the package (receiver/openapi.json);
+    tests check it lists exactly the routes :func:`create_app` registers."""
+    from importlib.resources import files
+
+    return files("receiver").joinpath("openapi.json").read_bytes()
+
+
+def _openapi(document: bytes) -> Handler:
+    # open, like /metrics: it describes the published software and holds no secrets
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=document, headers=_JSON)
+
+    return openapi
+
+
 async def metrics(request: web.Request) -> web.Response:
     r = request.app[RECEIVER]
     try:
@@ -561,8 +645,13 @@ async def _unexpected(request: web.Request, handler: Handler) -> web.StreamRespo
     query or path segment may hold a secret). aiohttp's answers and disconnects pass through."""
     try:
         return await handler(request)
-    except (web.HTTPException, ConnectionResetError):
+    except web.HTTPException:
         raise
+    except ConnectionResetError:  # the client went away mid-request (or the listener closed it)
+        resource = request.match_info.route.resource
+        log.info("client disconnected before it was answered: %s %s", request.method[:20],
+                 resource.canonical if resource is not None else "-")
+        return web.Response(status=400)  # never reaches it; aiohttp then closes quietly
     except Exception:
         resource = request.match_info.route.resource
         log.exception("unexpected error answering %s %s", request.method[:20],
@@ -618,6 +707,10 @@ def create_app(receiver: Receiver) -> web.Application:
     app.router.add_route("POST", "/callbacks/clickatell/status", status_callback)
     app.router.add_route("GET", "/callbacks/clickatell/status/{secret}", status_callback)
     app.router.add_route("POST", "/callbacks/clickatell/status/{secret}", status_callback)
+    app.router.add_route("GET", "/callbacks/clickatell/reply", reply_callback)
+    app.router.add_route("POST", "/callbacks/clickatell/reply", reply_callback)
+    app.router.add_route("GET", "/callbacks/clickatell/reply/{secret}", reply_callback)
+    app.router.add_route("POST", "/callbacks/clickatell/reply/{secret}", reply_callback)
     app.router.add_get("/api/v1/messages", list_messages)
     app.router.add_get("/api/v1/messages/{id}", get_message)
     app.router.add_get("/api/v1/groups", list_groups)
@@ -626,5 +719,10 @@ def create_app(receiver: Receiver) -> web.Application:
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/metrics", metrics)
+    # The history pages (receiver.ui): GET /ui, /ui/, /ui/messages/{id}, /ui/groups, /ui/export.csv
+    from receiver import ui
+
+    ui.add_routes(app, receiver)
+    app.router.add_get("/api/v1/openapi.json", _openapi(openapi_document()))
     _guard_routes(app)
     return app

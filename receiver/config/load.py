@@ -21,9 +21,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from receiver.config.model import DEFAULT_LEVELS, Config, format_duration
+from receiver.config.model import DEFAULT_LEVELS, Config, TlsConfig, format_duration
 from receiver.phone import to_e164
 from receiver.render import template_error
+from receiver.tls import TlsError, load_tls
 
 
 class ConfigError(Exception):
@@ -218,7 +219,8 @@ def _format_pydantic(exc: ValidationError, raw: Mapping[str, Any]) -> list[str]:
         msg = msg.removeprefix(f"{where}: ")  # a validator that names its key itself
         if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
             known = _known_keys() if known is None else known
-            close = difflib.get_close_matches(loc[-1], sorted(known), n=1, cutoff=0.7)
+            # a key valid in another section is still unknown here: never suggest itself
+            close = difflib.get_close_matches(loc[-1], sorted(known - {loc[-1]}), n=1, cutoff=0.7)
             msg += f": did you mean {close[0]}?" if close else ""
         if len(loc) == 4 and loc[0] == "groups" and loc[2] == "members" and isinstance(loc[3], int):
             bad_members.setdefault(loc[1], set()).add(loc[3])  # type: ignore[arg-type]
@@ -353,12 +355,62 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
     default_groups = raw.get("default_groups")
     for j, gid in enumerate(default_groups if isinstance(default_groups, list) else []):
         group_ref(f"default_groups.{j}", gid)
+    for i, group in _items(raw.get("groups")):  # escalation chains name groups
+        escalate = group.get("escalate")
+        targets = escalate.get("to") if isinstance(escalate, dict) else None
+        for j, gid in enumerate(targets if isinstance(targets, list) else []):
+            group_ref(f"groups.{i}.escalate.to.{j}", gid)
 
     for name, source in templates.items() if isinstance(templates, dict) else ():
         problem = template_error(source) if isinstance(source, str) else None
         if problem:
             errors.append(f"templates.{name}: {problem}")
+    errors += _check_send_templates(raw)
     return errors
+
+
+def _check_send_templates(raw: Mapping[str, Any]) -> list[str]:
+    """``groups[].send_template`` names a ``send_templates`` entry (not an alert template: those
+    render ``[WARNING] FIRING 0:`` without alerts); each entry compiles and renders within the
+    budget in its syntax."""
+    from receiver.render import send_template_error
+
+    errors: list[str] = []
+    send_templates = raw.get("send_templates", {})
+    names = sorted(map(str, send_templates)) if isinstance(send_templates, dict) else None
+    alert_templates = raw.get("templates") if isinstance(raw.get("templates"), dict) else {}
+    for i, group in _items(raw.get("groups")):
+        ref = group.get("send_template")
+        if names is None or not isinstance(ref, str) or ref in names:
+            continue
+        also = (f"; {ref!r} is an alert template (templates:), which has no alerts to show for /send"
+                if ref in alert_templates or ref == "default" else "")
+        errors.append(f"groups.{i}.send_template: unknown send template {ref!r} "
+                      f"{_one_of('send_templates', names)}{also}")
+    for name, entry in send_templates.items() if isinstance(send_templates, dict) else ():
+        text = entry if isinstance(entry, str) else entry.get("text") if isinstance(entry, dict) else None
+        syntax = entry.get("syntax", "seed") if isinstance(entry, dict) else "seed"
+        if isinstance(text, str) and text and syntax in ("seed", "jinja2"):
+            where = f"send_templates.{name}" + ("" if isinstance(entry, str) else ".text")
+            if problem := send_template_error(text, syntax):
+                errors.append(f"{where}: {problem}")
+    return errors
+
+
+def _tls_problems(raw: Mapping[str, Any], base_dir: Path) -> list[str]:
+    """The listener's certificate and key, read as ``run`` would (a section that is not valid
+    is reported by the model)."""
+    server = raw.get("server")
+    tls = server.get("tls") if isinstance(server, Mapping) else None
+    if not isinstance(tls, Mapping):
+        return []
+    try:
+        load_tls(TlsConfig.model_validate(tls, context={"base_dir": str(base_dir)}))
+    except ValidationError:
+        return []
+    except TlsError as exc:
+        return [str(exc)]
+    return []
 
 
 def parse_config(text: str, *, env: Mapping[str, str], base_dir: Path) -> Config:
@@ -382,6 +434,7 @@ def parse_config(text: str, *, env: Mapping[str, str], base_dir: Path) -> Config
     except ValidationError as exc:
         later += _format_pydantic(exc, raw)
     later += _cross_check(raw)
+    later += _tls_problems(raw, base_dir)
     problem = lease_problem(cfg, cfg.storage.kind) if cfg is not None else None
     if problem:
         later.append(problem)
@@ -405,17 +458,36 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     return parse_config(text, env=os.environ if env is None else env, base_dir=file.parent)
 
 
-def config_warnings(cfg: Config) -> list[str]:
-    """Things that are valid but that an operator must hear about at start."""
+def config_warnings(cfg: Config, listen: str | None = None) -> list[str]:
+    """Things that are valid but that an operator must hear about at start; ``listen``: the
+    address actually listened on, when ``run --listen`` overrides the file's."""
     out = []
     if cfg.dry_run:
         out.append(
             "DRY-RUN MODE: no Clickatell API key is configured (clickatell.api_key); "
             "messages are recorded and logged but NOT sent"
         )
-    out += _auth_warnings(cfg)
+    out += _auth_warnings(cfg, listen or cfg.listen)
     if not cfg.groups:
         out.append("no groups are configured: alerts are recorded as unrouted and nothing is sent")
+    out += _two_way_warnings(cfg)
+    return out
+
+
+def _two_way_warnings(cfg: Config) -> list[str]:
+    """Two-way groups whose replies cannot come back or cannot silence anything."""
+    out = []
+    two_way = [g.id for g in cfg.groups if g.two_way]
+    if two_way and not cfg.clickatell.from_:
+        out.append(f"groups {', '.join(two_way)} have two_way on but clickatell.from is not set: replies "
+                   "come back only to a two-way number sent from; set clickatell.from to it")
+    if two_way and not cfg.alertmanager.urls:
+        out.append("two_way is on but alertmanager.urls is empty: an SMS ACK is recorded and stops "
+                   "escalation, but creates no silence")
+    for g in cfg.groups:
+        if g.escalate is not None and not g.two_way:
+            out.append(f"group {g.id} escalates but has two_way off: nobody can acknowledge its pages, "
+                       "so every one of them escalates")
     return out
 
 
@@ -431,11 +503,11 @@ def _listens_on_loopback(listen: str) -> bool:
         return False  # a host name, or every interface (0.0.0.0, ::)
 
 
-def _auth_warnings(cfg: Config) -> list[str]:
+def _auth_warnings(cfg: Config, listen: str) -> list[str]:
     """What is open, refused or ignored about authentication (closed by default: see auth.py)."""
     out = []
-    local = _listens_on_loopback(cfg.listen)
-    where = "" if local else f" (listen {cfg.listen} is not loopback-only)"
+    local = _listens_on_loopback(listen)
+    where = "" if local else f" (listen {listen} is not loopback-only)"
     hook = cfg.webhook_auth
     hmac_only = not hook.configured and bool(hook.grafana_hmac_secret.get_secret_value())
     if hook.configured and hook.allow_unauthenticated:
@@ -462,6 +534,6 @@ def _auth_warnings(cfg: Config) -> list[str]:
     elif cb.allow_unauthenticated:
         out.append(f"callbacks.allow_unauthenticated: anyone who can reach the callback endpoint can post "
                    f"delivery reports{where}")
-    elif not cfg.dry_run:
+    elif not cb.secret.get_secret_value() and not cfg.dry_run:
         out.append("callbacks.secret is not configured: Clickatell delivery reports are refused (401)")
     return out

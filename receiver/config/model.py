@@ -210,8 +210,16 @@ class _Model(BaseModel):
 
 
 class BasicAuth(_Model):
-    username: str
-    password: SecretStr = SecretStr("")
+    username: str = Field(min_length=1)
+    # required and not empty: an empty password would let anyone in who knows the user name
+    password: SecretStr
+
+    @field_validator("password")
+    @classmethod
+    def _not_empty(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value():
+            raise ValueError("the password is empty: give one (or password_file), or remove basic_auth")
+        return v
 
 
 class AdminAuth(_Model):
@@ -324,6 +332,35 @@ class QuietHours(_Model):
     min_level: str | None = None  # least urgent level that still pages; None: the most urgent
 
 
+class Escalate(_Model):
+    """A page nobody acknowledged within ``after`` goes to ``to`` (and on down the chain), at
+    most ``repeat`` rounds."""
+
+    after: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+    to: tuple[str, ...] = Field(min_length=1)
+    repeat: int = Field(1, ge=1, le=10)
+
+
+class AlertmanagerApi(_Model):
+    """Where an acknowledgement creates its silences (Alertmanager API v2): the first of ``urls``
+    that answers (an HA pair gossips silences); ``grafana_urls``: the same for Grafana-sourced
+    pages (Grafana's Alertmanager API, same v2 shape), none: no silence for those."""
+
+    urls: tuple[str, ...] = ()
+    grafana_urls: tuple[str, ...] = ()
+    bearer_token: SecretStr = SecretStr("")
+    basic_auth: BasicAuth | None = None
+    timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 5.0
+
+    @field_validator("urls", "grafana_urls")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ValueError(f"{url!r} is not an http(s) URL such as http://alertmanager:9093")
+        return tuple(u.rstrip("/") for u in v)
+
+
 class Group(_Model):
     id: str = Field(min_length=1)
     name: str = ""
@@ -334,6 +371,11 @@ class Group(_Model):
     api_key: SecretStr = SecretStr("")
     quiet_hours: QuietHours | None = None
     timezone: Annotated[str, BeforeValidator(_timezone)] | None = None  # of template times; None: Config's
+    send_template: str | None = None  # the send_templates entry its /send useTemplate items render
+    # Two-way paging (PRODUCT.md "Two-way paging and escalation")
+    two_way: bool = False  # firing pages end with " #<ref>"; members may reply ACK/UNACK/ESC/HELP
+    ack_duration: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 3600.0
+    escalate: Escalate | None = None
 
     @field_validator("members", mode="after")
     @classmethod
@@ -342,6 +384,19 @@ class Group(_Model):
             raise ValueError("the group has no members: list at least one phone number, e.g. "
                              "members: ['+886911960999']")
         return v
+
+
+class SendTemplate(_Model):
+    """A ``/send`` template: ``syntax`` ``seed`` (the seed's ``{name}`` placeholders, filled from
+    the item's ``variables``) or ``jinja2`` (the sandbox, with the variables by name). Written in
+    the file as a plain string (seed syntax) or as ``{syntax, text}``."""
+
+    syntax: Literal["seed", "jinja2"] = "seed"
+    text: str = Field(min_length=1)
+
+
+def _send_template(value: Any) -> Any:
+    return {"text": value} if isinstance(value, str) else value
 
 
 class Route(_Model):
@@ -382,6 +437,11 @@ class PagingConfig(_Model):
     throttle: tuple[ThrottleRule, ...] = DEFAULT_THROTTLE  # every rule must allow a send; [] = off
     urgent_level: str | None = None  # this level or more urgent is held at most urgent_max_delay
     urgent_max_delay: Duration = 60.0
+    # Firing pages at urgent_level go out at once, past the throttle, while the number got fewer
+    # than this many of them in the window; beyond it they are throttled (held ≤ urgent_max_delay).
+    # 10 an hour: more distinct critical pages than anyone can act on, yet it stops a flapping
+    # critical alert from ringing a phone every few seconds. null: no ceiling.
+    urgent_ceiling: ThrottleRule | None = ThrottleRule(count=10, window=3600)
 
 
 class TlsConfig(_Model):
@@ -390,6 +450,12 @@ class TlsConfig(_Model):
 
     cert_file: str = Field(min_length=1)
     key_file: str = Field(min_length=1)
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _resolve(cls, v: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")  # the rule storage and *_file paths follow
+        return os.path.normpath(os.path.join(base, v)) if base is not None and not os.path.isabs(v) else v
 
 
 class ServerConfig(_Model):
@@ -440,6 +506,8 @@ class Config(_Model):
     default_groups: tuple[str, ...] = ()
     templates: Mapping[str, str] = Field(default_factory=lambda: {"default": DEFAULT_TEMPLATE})
     timezone: Annotated[str, BeforeValidator(_timezone)] = "UTC"  # of template times, unless the group's
+    send_templates: Mapping[str, Annotated[SendTemplate, BeforeValidator(_send_template)]] = Field(
+        default_factory=dict)  # /send templates by name (alert templates are never used for /send)
     # Our own keys, beyond PRODUCT.md:
     max_body_bytes: int = Field(1 << 20, ge=1024)
     dedup_window: Duration = 3600.0
@@ -450,6 +518,7 @@ class Config(_Model):
     callbacks: CallbacksConfig = CallbacksConfig()
     paging: PagingConfig = PagingConfig()
     retention: Duration = 7 * 86400.0  # finished messages older than this are deleted
+    alertmanager: AlertmanagerApi = AlertmanagerApi()  # silences made by SMS acknowledgements
 
     @field_validator("templates", mode="after")
     @classmethod

@@ -65,6 +65,8 @@ class Planned:
     received_at: float
     messages: tuple[NewMessage, ...] = ()
     error: str | None = None
+    pages: tuple[NewPage, ...] = ()  # two-way pages among ``messages``
+    resolved: tuple[str, ...] = ()  # keys of the alerts it resolves: their pages stop escalating
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,12 @@ class Decisions(Protocol):
     async def apply(self, changes: Changes) -> None:
         """Write what the policy decided, in one transaction."""
 
+    async def urgent_sends(self, numbers: Sequence[str], since: float, created_since: float,
+                           rank: int) -> dict[str, list[float]]:
+        """When each number was sent a firing message of level rank ≤ ``rank`` after ``since``
+        (the throttle's clearance; a send that did not go out is not counted), among messages
+        created after ``created_since``. Numbers with none are left out."""
+
 
 class Store(Decisions, Protocol):
     """The outbox. Its :class:`Decisions` methods used outside :meth:`deciding` are each a
@@ -313,6 +321,55 @@ class Store(Decisions, Protocol):
         throttle history older than ``sends_before``; returns how many rows went, all tables
         counted. Call again while it returns ``limit`` or more."""
 
+    async def message_history(self, query: HistoryQuery) -> HistoryPage:
+        """A page of the history page's list (see :class:`HistoryQuery`): bounded work per call
+        whatever the filters and however many messages are stored."""
+
+    async def group_counts(self, since: float) -> list[GroupCounts]:
+        """Per group, the recipients of its messages created in the hour ``since`` falls in or
+        later, by state (counted as they are written: no scan of the messages)."""
+
+    # -- two-way paging (receiver.acks, receiver.escalation) ---------------------------------------
+
+    async def allocate_refs(self, n: int) -> list[int]:
+        """``n`` new page references, never handed out before (gaps are harmless)."""
+
+    async def page(self, ref: int) -> PageRecord | None: ...
+
+    async def last_page(self, number: str) -> PageRecord | None:
+        """The newest page (or escalation of one) sent to ``number``."""
+
+    async def pages_of(self, message_ids: Sequence[str]) -> dict[str, PageRecord]:
+        """The pages of these messages (each page's own message id, or an escalation's)."""
+
+    async def reply_seen(self, reply_id: str, number: str, at: float, action: str) -> bool:
+        """Record a reply; False when one with this id was recorded before (a repeated callback)."""
+
+    async def replied_since(self, number: str, action: str, since: float) -> int:
+        """How many replies ``number`` sent with ``action`` after ``since``."""
+
+    async def ack(self, ack: NewAck) -> bool:
+        """Record an acknowledgement and stop the page's escalation, in one transaction; False
+        when this reply acknowledged before."""
+
+    async def ack_outcome(self, reply_id: str, silence_ids: Sequence[str], outcome: str) -> None: ...
+
+    async def unack(self, ref: int, at: float, escalate_at: float | None) -> list[str]:
+        """Undo a page's acknowledgements; its escalation is due at ``escalate_at`` (None: not
+        resumed). Returns the silence ids they made."""
+
+    async def escalate_at(self, ref: int, at: float) -> bool:
+        """Make the page's next escalation round due at ``at`` (unless acknowledged)."""
+
+    async def due_escalations(self, now: float, limit: int) -> list[PageRecord]:
+        """Unacknowledged pages with a firing alert whose round is due by ``now``, or whose every
+        recipient failed (a failed delivery escalates at once)."""
+
+    async def escalated(self, ref: int, rounds: int, next_at: float | None, at: float,
+                        messages: Sequence[NewMessage], groups: Sequence[str]) -> bool:
+        """Round ``rounds + 1`` of the page: its messages in, when still unacknowledged and at
+        ``rounds`` (another replica did not take it), in one transaction; False otherwise."""
+
 
 def open_store(storage: Storage, on_broken: Callable[[str], None] | None = None) -> Store:
     """The implementation for a ``storage`` setting (not yet opened)."""
@@ -323,3 +380,125 @@ def open_store(storage: Storage, on_broken: Callable[[str], None] | None = None)
     from receiver.store.sqlite import SQLiteStore
 
     return SQLiteStore(storage.path, on_broken=on_broken)
+
+
+# ---------------------------------------------------------------------------------------------
+# The history page (receiver.ui): keyset-paged reads over a million messages
+
+# How many index entries a page may walk past when a filter no index serves (the text, a second
+# filter) leaves most of them out: the page then stops there and offers to search on, rather
+# than walk every message (a rare word in a year of pages) within one request.
+HISTORY_SCAN = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """One page of messages, newest first (``created_at``, then ``id``, descending).
+
+    ``group`` and ``state`` are served by an index each (the group's when both are given);
+    ``level``, ``text`` (a case-insensitive substring of the SMS text) and the other of
+    ``group``/``state`` are checked on at most ``scan`` entries of that index per page.
+    ``since`` (inclusive) and ``until`` (exclusive) bound ``created_at``; ``before`` is the
+    cursor a previous page returned."""
+
+    group: str | None = None
+    level: str | None = None
+    state: str | None = None
+    since: float | None = None
+    until: float | None = None
+    text: str | None = None
+    before: tuple[float, str] | None = None
+    limit: int = 50
+    scan: int = HISTORY_SCAN
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """``messages`` (at most the query's limit, with their recipients); ``next``: the cursor of
+    the following page (None: there is none); ``scanned_to``: set when the page stopped at its
+    scan bound, the ``created_at`` it searched back to (older messages may still match)."""
+
+    messages: list[MessageRecord]
+    next: tuple[float, str] | None = None
+    scanned_to: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCounts:
+    """Recipients of one group's messages created in a window (whole hours), by state."""
+
+    group: str
+    by_state: dict[str, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-way paging: pages by reference, their acknowledgements and escalations
+
+
+@dataclass(frozen=True, slots=True)
+class NewPage:
+    """A firing page of a two-way group, stored with its message."""
+
+    ref: int
+    message_id: str
+    group_id: str
+    source: str
+    escalate_at: float | None  # its first escalation round is due then (None: no escalation)
+    alerts: tuple[tuple[str, dict[str, str]], ...]  # (key, labels) of its firing alerts
+
+
+@dataclass(frozen=True, slots=True)
+class NewAck:
+    reply_id: str
+    ref: int
+    number: str
+    by: str  # as shown: a masked number
+    at: float
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class AckRecord:
+    by: str
+    number: str
+    at: float
+    until: float
+    silence_ids: tuple[str, ...] = ()
+    outcome: str | None = None
+    unacked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationRecord:
+    round: int
+    group_id: str
+    at: float
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PageRecord:
+    ref: int
+    message_id: str
+    group_id: str
+    source: str
+    created_at: float
+    acked_at: float | None
+    escalate_at: float | None
+    rounds: int
+    alerts: tuple[tuple[str, dict[str, str], bool], ...] = ()  # (key, labels, resolved)
+    acks: tuple[AckRecord, ...] = ()
+    escalations: tuple[EscalationRecord, ...] = ()
+
+    @property
+    def firing(self) -> bool:
+        return any(not resolved for _, _, resolved in self.alerts)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The groups it reached: its own, then those it escalated to."""
+        out = [self.group_id]
+        for e in self.escalations:
+            if e.group_id not in out:
+                out.append(e.group_id)
+        return tuple(out)

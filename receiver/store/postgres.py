@@ -27,6 +27,7 @@ The contract is the store protocol's (:mod:`receiver.store`); what several repli
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -56,6 +57,8 @@ from receiver.store import (
 )
 from receiver.store.batch import Batcher
 from receiver.store.postgres_schema import POLICY_LOCK, SchemaError, migrate
+from receiver.store import NewAck, PageRecord  # two-way paging
+from receiver.store import postgres_sql as pg2
 from receiver.store.postgres_sql import (
     COLUMNS_M,
     COUNTS_CHUNK,
@@ -69,6 +72,8 @@ from receiver.store.postgres_sql import (
     with_recipients,
 )
 from receiver.store.sql import MESSAGE_COLUMNS
+from receiver.store.sql import HistoryStatements, history_page, record
+from receiver.store import GroupCounts, HistoryPage, HistoryQuery
 
 log = logging.getLogger("sms_receiver.store")
 T = TypeVar("T")
@@ -299,6 +304,7 @@ class PostgresStore:
         plans = [p for p in plans if p.notification_id in gone]
         await insert(conn, [m for p in plans for m in p.messages],
                       [p.received_at for p in plans for _ in p.messages])
+        await pg2.insert_pages(conn, plans)
 
     async def received(self, notification_id: str) -> Received | None:
         row = await self._run(lambda conn: conn.fetchrow(
@@ -491,8 +497,153 @@ class PostgresStore:
             n += rowcount(await conn.execute("DELETE FROM sends WHERE id IN (SELECT id FROM sends "
                                            "WHERE sent_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
                                            sends_before, limit))
+            n += await pg2.prune_pages(conn, before, limit)
             while await compact_counts(conn) == COUNTS_CHUNK:
                 pass
             return n
 
         return await self._run(run)
+
+    # -- the history page (receiver.ui): the SQLite store's statements (sql.py) ----------------
+
+    async def message_history(self, query: HistoryQuery) -> HistoryPage:
+        statements = HistoryStatements(query, pg=True)
+
+        async def run(conn: Any) -> HistoryPage:
+            bound = None
+            if statements.bound is not None:
+                found = await conn.fetchrow(*_flat(statements.bound))
+                bound = None if found is None else (float(found[0]), str(found[1]))
+            rows = await conn.fetch(*_flat(statements.page(bound)))
+            shown = await with_recipients(conn, rows[: query.limit])
+            if len(rows) > query.limit:
+                shown.append(record(tuple(rows[query.limit]), ()))  # only its key is used
+            return history_page(query, shown, bound)
+
+        return await self._run(run, transaction=False)
+
+    async def group_counts(self, since: float) -> list[GroupCounts]:
+        """From group_hours (postgres_schema.py), compacting its oldest rows first, as
+        :meth:`stats` does message_counts."""
+        async def run(conn: Any) -> list[GroupCounts]:
+            await conn.execute(
+                "WITH gone AS (DELETE FROM group_hours WHERE id IN (SELECT id FROM group_hours "
+                "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING group_id, hour, state, n) "
+                "INSERT INTO group_hours(group_id, hour, state, n) SELECT group_id, hour, state, sum(n) "
+                "FROM gone GROUP BY 1, 2, 3 HAVING sum(n) <> 0", COUNTS_CHUNK)
+            by_group: dict[str, dict[str, int]] = {}
+            for group, state, n in await conn.fetch(
+                    "SELECT group_id, state, sum(n) FROM group_hours WHERE hour >= $1 GROUP BY 1, 2",
+                    int(since // 3600)):
+                if n:
+                    by_group.setdefault(group, {})[state] = int(n)
+            return [GroupCounts(g, counts) for g, counts in sorted(by_group.items())]
+
+        return await self._run(run)
+
+    # -- the urgent ceiling (receiver.paging) ----------------------------------------------------
+
+    async def urgent_sends(self, numbers: Sequence[str], since: float, created_since: float,
+                           rank: int) -> dict[str, list[float]]:
+        return await self._run(lambda conn: Decider(conn).urgent_sends(numbers, since, created_since, rank),
+                               transaction=False)
+
+    # -- two-way paging --------------------------------------------------------------------------
+
+    async def allocate_refs(self, n: int) -> list[int]:
+        async def run(conn: Any) -> list[int]:
+            return [int(r[0]) for r in await conn.fetch(
+                "SELECT nextval('page_refs') FROM generate_series(1, $1)", n)]
+
+        return await self._run(run, transaction=False)
+
+    async def page(self, ref: int) -> PageRecord | None:
+        async def run(conn: Any) -> list[PageRecord]:
+            return await pg2.pages(conn, await conn.fetch(f"SELECT {pg2.PAGE_COLUMNS} FROM pages WHERE ref=$1", ref))
+
+        found = await self._run(run)
+        return found[0] if found else None
+
+    async def last_page(self, number: str) -> PageRecord | None:
+        async def run(conn: Any) -> list[PageRecord]:
+            return await pg2.pages(conn, await conn.fetch(pg2.LAST_PAGE, number))
+
+        found = await self._run(run)
+        return found[0] if found else None
+
+    async def pages_of(self, message_ids: Sequence[str]) -> dict[str, PageRecord]:
+        async def run(conn: Any) -> dict[str, PageRecord]:
+            by_ref: dict[int, list[str]] = {}
+            for ref, mid in await conn.fetch(pg2.PAGES_OF, list(message_ids)):
+                by_ref.setdefault(ref, []).append(mid)
+            if not by_ref:
+                return {}
+            records = await pg2.pages(conn, await conn.fetch(
+                f"SELECT {pg2.PAGE_COLUMNS} FROM pages WHERE ref = ANY($1::bigint[])", list(by_ref)))
+            return {mid: rec for rec in records for mid in by_ref[rec.ref]}
+
+        return await self._run(run)
+
+    async def reply_seen(self, reply_id: str, number: str, at: float, action: str) -> bool:
+        return rowcount(await self._run(lambda conn: conn.execute(
+            "INSERT INTO replies(id, number, at, action) VALUES ($1,$2,$3,$4) ON CONFLICT DO NOTHING",
+            reply_id, number, at, action))) == 1
+
+    async def replied_since(self, number: str, action: str, since: float) -> int:
+        return int(await self._run(lambda conn: conn.fetchval(
+            "SELECT count(*) FROM replies WHERE number=$1 AND action=$2 AND at>$3", number, action, since),
+            transaction=False))
+
+    async def ack(self, ack: NewAck) -> bool:
+        async def run(conn: Any) -> bool:
+            if rowcount(await conn.execute(
+                    "INSERT INTO acks(reply_id, ref, number, by_name, at, until) VALUES ($1,$2,$3,$4,$5,$6) "
+                    "ON CONFLICT DO NOTHING", ack.reply_id, ack.ref, ack.number, ack.by, ack.at, ack.until)) != 1:
+                return False
+            await conn.execute("UPDATE pages SET acked_at=$1, escalate_at=NULL WHERE ref=$2", ack.at, ack.ref)
+            return True
+
+        return await self._run(run)
+
+    async def ack_outcome(self, reply_id: str, silence_ids: Sequence[str], outcome: str) -> None:
+        await self._run(lambda conn: conn.execute("UPDATE acks SET silence_ids=$1, outcome=$2 WHERE reply_id=$3",
+                                                  json.dumps(list(silence_ids)), outcome, reply_id))
+
+    async def unack(self, ref: int, at: float, escalate_at: float | None) -> list[str]:
+        async def run(conn: Any) -> list[str]:
+            rows = await conn.fetch("UPDATE acks SET unacked_at=$1 WHERE ref=$2 AND unacked_at IS NULL "
+                                    "RETURNING silence_ids", at, ref)
+            await conn.execute("UPDATE pages SET acked_at=NULL, escalate_at=$1 WHERE ref=$2", escalate_at, ref)
+            return [sid for (ids,) in rows for sid in json.loads(ids or "[]")]
+
+        return await self._run(run)
+
+    async def escalate_at(self, ref: int, at: float) -> bool:
+        return rowcount(await self._run(lambda conn: conn.execute(
+            "UPDATE pages SET escalate_at=$1 WHERE ref=$2 AND acked_at IS NULL", at, ref))) == 1
+
+    async def due_escalations(self, now: float, limit: int) -> list[PageRecord]:
+        async def run(conn: Any) -> list[PageRecord]:
+            return await pg2.pages(conn, await conn.fetch(pg2.DUE_ESCALATIONS, now, limit))
+
+        return await self._run(run)
+
+    async def escalated(self, ref: int, rounds: int, next_at: float | None, at: float,
+                        messages: Sequence[NewMessage], groups: Sequence[str]) -> bool:
+        async def run(conn: Any) -> bool:
+            # the conditional UPDATE is the claim: of two replicas, the second finds rounds moved on
+            if rowcount(await conn.execute(
+                    "UPDATE pages SET rounds=rounds+1, escalate_at=$1 WHERE ref=$2 AND rounds=$3 "
+                    "AND acked_at IS NULL", next_at, ref, rounds)) != 1:
+                return False
+            await insert(conn, messages, [at] * len(messages))
+            await conn.executemany(
+                "INSERT INTO escalations(ref, round, group_id, at, message_id) VALUES ($1,$2,$3,$4,$5)",
+                [(ref, rounds + 1, g, at, m.id) for g, m in zip(groups, messages, strict=True)])
+            return True
+
+        return await self._run(run)
+
+
+def _flat(statement: tuple[str, list[Any]]) -> tuple[Any, ...]:
+    return (statement[0], *statement[1])

@@ -68,8 +68,11 @@ CREATE TABLE messages (
 CREATE INDEX messages_due ON messages(priority, next_attempt_at) WHERE state = 'pending';
 CREATE INDEX messages_lease ON messages(lease_until) WHERE state = 'sending';
 CREATE INDEX messages_held ON messages(next_attempt_at) WHERE state = 'held';
-CREATE INDEX messages_created ON messages(created_at);
+CREATE INDEX messages_created ON messages(created_at, id);
 CREATE INDEX messages_waiting ON messages(created_at) WHERE state IN ('pending', 'sending');
+-- The history page (receiver.ui) walks these newest first, keyset-paged on (created_at, id).
+CREATE INDEX messages_group_history ON messages(group_id, created_at, id);
+CREATE INDEX messages_state_history ON messages(state, created_at, id);
 
 CREATE TABLE recipients (
     message_id      text NOT NULL,
@@ -86,6 +89,47 @@ CREATE TABLE recipients (
     PRIMARY KEY (message_id, number)
 );
 CREATE INDEX recipients_held ON recipients(number, hold_until) WHERE state = 'held';
+-- Recipients by group, hour of their message's creation and state (the groups page): rows
+-- added by statement triggers and summed on read, as message_counts (no replica waits on
+-- another's counter row); group_counts compacts them.
+CREATE TABLE group_hours (
+    id       bigserial PRIMARY KEY,
+    group_id text NOT NULL,
+    hour     bigint NOT NULL,
+    state    text NOT NULL,
+    n        bigint NOT NULL
+);
+CREATE INDEX group_hours_hour ON group_hours(hour);
+CREATE FUNCTION sms_receiver_group_hours_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO group_hours(group_id, hour, state, n)
+    SELECT m.group_id, floor(m.created_at / 3600)::bigint, r.state, count(*)
+    FROM new_rows r JOIN messages m ON m.id = r.message_id GROUP BY 1, 2, 3;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION sms_receiver_group_hours_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO group_hours(group_id, hour, state, n)
+    SELECT m.group_id, floor(m.created_at / 3600)::bigint, r.state, sum(r.n)
+    FROM (SELECT message_id, state, -1 AS n FROM old_rows
+          UNION ALL SELECT message_id, state, 1 FROM new_rows) AS r
+    JOIN messages m ON m.id = r.message_id GROUP BY 1, 2, 3 HAVING sum(r.n) <> 0;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION sms_receiver_group_hours_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO group_hours(group_id, hour, state, n)
+    SELECT m.group_id, floor(m.created_at / 3600)::bigint, r.state, -count(*)
+    FROM old_rows r JOIN messages m ON m.id = r.message_id GROUP BY 1, 2, 3;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER recipients_inserted AFTER INSERT ON recipients REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_group_hours_inserted();
+CREATE TRIGGER recipients_updated AFTER UPDATE ON recipients
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_group_hours_updated();
+CREATE TRIGGER recipients_deleted AFTER DELETE ON recipients REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_group_hours_deleted();
 
 CREATE TABLE sends (
     id      bigserial PRIMARY KEY,
@@ -125,6 +169,58 @@ CREATE TRIGGER messages_updated AFTER UPDATE ON messages
     FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_count_updated();
 CREATE TRIGGER messages_deleted AFTER DELETE ON messages REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION sms_receiver_count_deleted();
+
+-- Two-way paging: see schema.py
+CREATE SEQUENCE page_refs;
+CREATE TABLE pages (
+    ref         bigint PRIMARY KEY,
+    message_id  text NOT NULL UNIQUE,
+    group_id    text NOT NULL,
+    source      text NOT NULL,
+    created_at  float8 NOT NULL,
+    acked_at    float8,
+    escalate_at float8,
+    rounds      integer NOT NULL DEFAULT 0
+);
+CREATE INDEX pages_due ON pages(escalate_at) WHERE escalate_at IS NOT NULL;
+CREATE INDEX pages_created ON pages(created_at);  -- pruning
+CREATE TABLE page_alerts (
+    ref      bigint NOT NULL,
+    key      text NOT NULL,
+    labels   text NOT NULL,
+    resolved boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (ref, key)
+);
+CREATE INDEX page_alerts_firing ON page_alerts(key) WHERE NOT resolved;
+CREATE TABLE acks (
+    reply_id    text PRIMARY KEY,
+    ref         bigint NOT NULL,
+    number      text NOT NULL,
+    by_name     text NOT NULL,
+    at          float8 NOT NULL,
+    until       float8 NOT NULL,
+    silence_ids text,
+    outcome     text,
+    unacked_at  float8
+);
+CREATE INDEX acks_ref ON acks(ref);
+CREATE TABLE escalations (
+    ref        bigint NOT NULL,
+    round      integer NOT NULL,
+    group_id   text NOT NULL,
+    at         float8 NOT NULL,
+    message_id text NOT NULL,
+    PRIMARY KEY (ref, round, group_id)
+);
+CREATE INDEX escalations_message ON escalations(message_id);
+CREATE TABLE replies (
+    id     text PRIMARY KEY,
+    number text NOT NULL,
+    at     float8 NOT NULL,
+    action text NOT NULL
+);
+CREATE INDEX replies_number ON replies(number, action, at);
+CREATE INDEX replies_at ON replies(at);  -- pruning
 
 """
 

@@ -17,6 +17,7 @@ from typing import Any
 from receiver.models import MessageState, NewMessage, message_state
 from receiver.store import Changes, MessageRecord, NumberHistory, RecipientRecord, Result
 from receiver.store.sql import MESSAGE_COLUMNS, RECIPIENT_COLUMNS, record
+from receiver.store import AckRecord, EscalationRecord, PageRecord  # two-way paging
 
 log = logging.getLogger("sms_receiver.store")
 COUNTS_CHUNK = 10_000  # message_counts rows summed per statement
@@ -154,6 +155,17 @@ class Decider:
                                            "ORDER BY id", ids):
                 await settle(conn, mid, at)
 
+    async def urgent_sends(self, numbers: Sequence[str], since: float, created_since: float,
+                           rank: int) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for number, at in await self._conn.fetch(
+                "SELECT r.number, r.admitted_at FROM messages m JOIN recipients r ON r.message_id=m.id "
+                "WHERE m.created_at > $1 AND m.priority <= $2 AND m.status='firing' "
+                "AND r.number = ANY($3::text[]) AND r.admitted_at > $4 ORDER BY r.admitted_at",
+                created_since, rank, list(numbers), since):
+            out.setdefault(number, []).append(at)
+        return out
+
 
 async def fenced(conn: Any, r: Result, state: MessageState) -> MessageState:
     """Another claim owns the message now: only what its recipients became is recorded."""
@@ -264,3 +276,79 @@ class Clean:
 def rowcount(status: str) -> int:
     """The row count of an asyncpg command status (``DELETE 12``)."""
     return int(status.split()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-way paging: the statements of sql.py's two-way section, in PostgreSQL's dialect
+
+PAGE_COLUMNS = "ref, message_id, group_id, source, created_at, acked_at, escalate_at, rounds"
+_ALL_FAILED = ("(p.rounds = 0 AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = p.message_id) AND NOT EXISTS "
+               "(SELECT 1 FROM recipients r WHERE r.message_id = p.message_id "
+               "AND r.state NOT IN ('failed', 'undelivered')))")
+
+
+async def insert_pages(conn: Any, plans: Sequence[Any]) -> None:
+    pages = [(p.received_at, pg) for p in plans for pg in p.pages]
+    if pages:
+        await conn.executemany(
+            "INSERT INTO pages(ref, message_id, group_id, source, created_at, escalate_at) "
+            "VALUES ($1,$2,$3,$4,$5,$6)",
+            [(pg.ref, pg.message_id, pg.group_id, pg.source, at, pg.escalate_at) for at, pg in pages])
+        await conn.executemany(
+            "INSERT INTO page_alerts(ref, key, labels) VALUES ($1,$2,$3) ON CONFLICT DO NOTHING",
+            [(pg.ref, key, json.dumps(labels, sort_keys=True)) for _, pg in pages for key, labels in pg.alerts])
+    keys = sorted({k for p in plans for k in p.resolved})
+    if keys:
+        refs = [r[0] for r in await conn.fetch(
+            "UPDATE page_alerts SET resolved=true WHERE NOT resolved AND key = ANY($1::text[]) RETURNING ref", keys)]
+        if refs:  # all resolved: out of the escalation index, which the escalator reads every poll
+            await conn.execute("UPDATE pages SET escalate_at=NULL WHERE ref = ANY($1::bigint[]) AND NOT EXISTS "
+                               "(SELECT 1 FROM page_alerts a WHERE a.ref = pages.ref AND NOT a.resolved)",
+                               sorted(set(refs)))
+
+
+async def prune_pages(conn: Any, before: float, limit: int) -> int:
+    """Pages created before ``before`` (retention), with their alerts, acks and escalations, and
+    replies recorded before it."""
+    refs = [r[0] for r in await conn.fetch("SELECT ref FROM pages WHERE created_at < $1 ORDER BY created_at LIMIT $2 "
+                                           "FOR UPDATE SKIP LOCKED", before, limit)]
+    n = 0
+    if refs:
+        for table in ("page_alerts", "acks", "escalations", "pages"):
+            n += rowcount(await conn.execute(f"DELETE FROM {table} WHERE ref = ANY($1::bigint[])", refs))
+    n += rowcount(await conn.execute("DELETE FROM replies WHERE id IN (SELECT id FROM replies WHERE at < $1 "
+                                     "LIMIT $2 FOR UPDATE SKIP LOCKED)", before, limit))
+    return n
+
+
+async def pages(conn: Any, rows: Sequence[Any]) -> list[PageRecord]:
+    refs = [r[0] for r in rows]
+    if not refs:
+        return []
+    alerts: dict[int, list[Any]] = {}
+    acks: dict[int, list[AckRecord]] = {}
+    escalations: dict[int, list[EscalationRecord]] = {}
+    for ref, key, labels, resolved in await conn.fetch(
+            "SELECT ref, key, labels, resolved FROM page_alerts WHERE ref = ANY($1::bigint[]) ORDER BY ref, key", refs):
+        alerts.setdefault(ref, []).append((key, json.loads(labels), bool(resolved)))
+    for r in await conn.fetch("SELECT ref, by_name, number, at, until, silence_ids, outcome, unacked_at "
+                              "FROM acks WHERE ref = ANY($1::bigint[]) ORDER BY at", refs):
+        acks.setdefault(r[0], []).append(AckRecord(r[1], r[2], r[3], r[4], tuple(json.loads(r[5] or "[]")),
+                                                   r[6], r[7]))
+    for r in await conn.fetch("SELECT ref, round, group_id, at, message_id FROM escalations "
+                              "WHERE ref = ANY($1::bigint[]) ORDER BY round, group_id", refs):
+        escalations.setdefault(r[0], []).append(EscalationRecord(r[1], r[2], r[3], r[4]))
+    return [PageRecord(*tuple(r), alerts=tuple(alerts.get(r[0], ())), acks=tuple(acks.get(r[0], ())),
+                       escalations=tuple(escalations.get(r[0], ()))) for r in rows]
+
+
+LAST_PAGE = (f"SELECT {PAGE_COLUMNS} FROM pages p WHERE EXISTS (SELECT 1 FROM recipients r WHERE "
+             "r.message_id = p.message_id AND r.number = $1) OR EXISTS (SELECT 1 FROM escalations e JOIN "
+             "recipients r ON r.message_id = e.message_id AND r.number = $1 WHERE e.ref = p.ref) "
+             "ORDER BY ref DESC LIMIT 1")
+PAGES_OF = ("SELECT ref, message_id FROM pages WHERE message_id = ANY($1::text[]) UNION ALL "
+            "SELECT ref, message_id FROM escalations WHERE message_id = ANY($1::text[])")
+DUE_ESCALATIONS = (
+    f"SELECT {PAGE_COLUMNS} FROM pages p WHERE escalate_at IS NOT NULL AND acked_at IS NULL "
+    f"AND (escalate_at <= $1 OR {_ALL_FAILED}) AND EXISTS (SELECT 1 FROM page_alerts a "
+    "WHERE a.ref = p.ref AND NOT a.resolved) ORDER BY escalate_at LIMIT $2")

@@ -61,8 +61,11 @@ CREATE TABLE messages (
 CREATE INDEX messages_due ON messages(priority, next_attempt_at) WHERE state='pending';
 CREATE INDEX messages_lease ON messages(lease_until) WHERE state='sending';
 CREATE INDEX messages_held ON messages(next_attempt_at) WHERE state='held';
-CREATE INDEX messages_created ON messages(created_at);
+CREATE INDEX messages_created ON messages(created_at, id);
 CREATE INDEX messages_waiting ON messages(created_at) WHERE state IN ('pending','sending');
+-- The history page (receiver.ui) walks these newest first, keyset-paged on (created_at, id).
+CREATE INDEX messages_group_history ON messages(group_id, created_at, id);
+CREATE INDEX messages_state_history ON messages(state, created_at, id);
 
 CREATE TABLE recipients (
     message_id      TEXT NOT NULL,
@@ -80,6 +83,34 @@ CREATE TABLE recipients (
 ) WITHOUT ROWID;
 -- the throttle's view: what each number has held
 CREATE INDEX recipients_held ON recipients(number, hold_until) WHERE state='held';
+-- Recipients by group, hour of their message's creation and state, kept by triggers in the same
+-- transactions: the groups page (receiver.ui) sums a week of hours instead of joining a week
+-- of messages to their recipients (seconds, at a million).
+CREATE TABLE group_hours (
+    group_id TEXT NOT NULL,
+    hour     INTEGER NOT NULL,         -- created_at // 3600
+    state    TEXT NOT NULL,
+    n        INTEGER NOT NULL,
+    PRIMARY KEY (group_id, hour, state)
+) WITHOUT ROWID;
+CREATE TRIGGER recipient_added AFTER INSERT ON recipients BEGIN
+    INSERT INTO group_hours(group_id, hour, state, n)
+    SELECT group_id, CAST(created_at / 3600 AS INTEGER), NEW.state, 1 FROM messages WHERE id = NEW.message_id
+    ON CONFLICT(group_id, hour, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER recipient_moved AFTER UPDATE OF state ON recipients WHEN OLD.state <> NEW.state BEGIN
+    UPDATE group_hours SET n = n - 1 WHERE (group_id, hour, state) =
+        (SELECT group_id, CAST(created_at / 3600 AS INTEGER), OLD.state FROM messages WHERE id = OLD.message_id);
+    INSERT INTO group_hours(group_id, hour, state, n)
+    SELECT group_id, CAST(created_at / 3600 AS INTEGER), NEW.state, 1 FROM messages WHERE id = NEW.message_id
+    ON CONFLICT(group_id, hour, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER recipient_deleted AFTER DELETE ON recipients BEGIN
+    UPDATE group_hours SET n = n - 1 WHERE (group_id, hour, state) =
+        (SELECT group_id, CAST(created_at / 3600 AS INTEGER), OLD.state FROM messages WHERE id = OLD.message_id);
+    DELETE FROM group_hours WHERE n <= 0 AND (group_id, hour, state) =
+        (SELECT group_id, CAST(created_at / 3600 AS INTEGER), OLD.state FROM messages WHERE id = OLD.message_id);
+END;
 
 -- The throttle's history: when each number was sent to.
 CREATE TABLE sends (
@@ -106,6 +137,60 @@ END;
 
 -- Written by a readiness probe while writes fail, to learn when they work again.
 CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+
+-- Two-way paging (receiver.acks, receiver.escalation): the firing pages of two_way groups by
+-- their short reference (" #<ref>" in the text), what was acknowledged and what escalated.
+CREATE TABLE page_refs (id INTEGER PRIMARY KEY CHECK (id = 1), last INTEGER NOT NULL);
+INSERT INTO page_refs(id, last) VALUES (1, 0);
+CREATE TABLE pages (
+    ref         INTEGER PRIMARY KEY,
+    message_id  TEXT NOT NULL UNIQUE,
+    group_id    TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    acked_at    REAL,              -- acknowledged (and not undone) then
+    escalate_at REAL,              -- its next escalation round is due then; NULL: none
+    rounds      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX pages_due ON pages(escalate_at) WHERE escalate_at IS NOT NULL;
+CREATE INDEX pages_created ON pages(created_at);  -- pruning
+CREATE TABLE page_alerts (
+    ref      INTEGER NOT NULL,
+    key      TEXT NOT NULL,        -- the alert's fingerprint (Item.key)
+    labels   TEXT NOT NULL,        -- JSON: its label set, a silence's matchers
+    resolved INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (ref, key)
+) WITHOUT ROWID;
+CREATE INDEX page_alerts_firing ON page_alerts(key) WHERE resolved = 0;
+CREATE TABLE acks (
+    reply_id    TEXT PRIMARY KEY,  -- the SMS reply that acknowledged: a repeated callback is one ack
+    ref         INTEGER NOT NULL,
+    number      TEXT NOT NULL,
+    by_name     TEXT NOT NULL,
+    at          REAL NOT NULL,
+    until       REAL NOT NULL,
+    silence_ids TEXT,              -- JSON list, once Alertmanager answered
+    outcome     TEXT,              -- created, failed: …, none: …
+    unacked_at  REAL
+);
+CREATE INDEX acks_ref ON acks(ref);
+CREATE TABLE escalations (
+    ref        INTEGER NOT NULL,
+    round      INTEGER NOT NULL,
+    group_id   TEXT NOT NULL,
+    at         REAL NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (ref, round, group_id)
+) WITHOUT ROWID;
+CREATE INDEX escalations_message ON escalations(message_id);
+CREATE TABLE replies (
+    id     TEXT PRIMARY KEY,       -- Clickatell's reply id: a repeated callback is seen once
+    number TEXT NOT NULL,
+    at     REAL NOT NULL,
+    action TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX replies_number ON replies(number, action, at);
+CREATE INDEX replies_at ON replies(at);  -- pruning
 """
 
 MIGRATIONS: tuple[str, ...] = (_V1,)

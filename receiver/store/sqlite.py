@@ -48,7 +48,9 @@ from receiver.store import (
     StoreUsage,
     sql,
 )
+from receiver.store import NewAck, PageRecord  # two-way paging
 from receiver.store.schema import SchemaError, migrate
+from receiver.store import GroupCounts, HistoryPage, HistoryQuery
 from receiver.store.writer import Writer, fault
 
 T = TypeVar("T")
@@ -333,3 +335,56 @@ class SQLiteStore:
     async def prune(self, before: float, keys_before: float, sends_before: float,
                     limit: int = 10_000) -> int:
         return await self._write(lambda conn: sql.prune(conn, before, keys_before, sends_before, limit))
+
+    # -- the history page (receiver.ui) ---------------------------------------------------------
+
+    async def message_history(self, query: HistoryQuery) -> HistoryPage:
+        return await self._read(lambda conn: sql.message_history(conn, query))
+
+    async def group_counts(self, since: float) -> list[GroupCounts]:
+        return await self._read(lambda conn: sql.group_counts(conn, since))
+
+    # -- the urgent ceiling (receiver.paging) ----------------------------------------------------
+
+    async def urgent_sends(self, numbers: Sequence[str], since: float, created_since: float,
+                           rank: int) -> dict[str, list[float]]:
+        return await self._read(lambda conn: sql.urgent_sends(conn, numbers, since, created_since, rank))
+
+    # -- two-way paging --------------------------------------------------------------------------
+
+    async def allocate_refs(self, n: int) -> list[int]:
+        return await self._write(lambda conn: sql.allocate_refs(conn, n))
+
+    async def page(self, ref: int) -> PageRecord | None:
+        return await self._read(lambda conn: sql.page(conn, ref))
+
+    async def last_page(self, number: str) -> PageRecord | None:
+        return await self._read(lambda conn: sql.last_page(conn, number))
+
+    async def pages_of(self, message_ids: Sequence[str]) -> dict[str, PageRecord]:
+        return await self._read(lambda conn: sql.pages_of(conn, message_ids))
+
+    async def reply_seen(self, reply_id: str, number: str, at: float, action: str) -> bool:
+        return await self._write(lambda conn: sql.reply_seen(conn, reply_id, number, at, action))
+
+    async def replied_since(self, number: str, action: str, since: float) -> int:
+        return await self._read(lambda conn: sql.replied_since(conn, number, action, since))
+
+    async def ack(self, ack: NewAck) -> bool:
+        return await self._write(lambda conn: sql.ack(conn, ack))
+
+    async def ack_outcome(self, reply_id: str, silence_ids: Sequence[str], outcome: str) -> None:
+        await self._write(lambda conn: sql.ack_outcome(conn, reply_id, silence_ids, outcome))
+
+    async def unack(self, ref: int, at: float, escalate_at: float | None) -> list[str]:
+        return await self._write(lambda conn: sql.unack(conn, ref, at, escalate_at))
+
+    async def escalate_at(self, ref: int, at: float) -> bool:
+        return await self._write(lambda conn: sql.escalate_at(conn, ref, at))
+
+    async def due_escalations(self, now: float, limit: int) -> list[PageRecord]:
+        return await self._read(lambda conn: sql.due_escalations(conn, now, limit))
+
+    async def escalated(self, ref: int, rounds: int, next_at: float | None, at: float,
+                        messages: Sequence[NewMessage], groups: Sequence[str]) -> bool:
+        return await self._write(lambda conn: sql.escalated(conn, ref, rounds, next_at, at, messages, groups))
