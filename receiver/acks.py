@@ -1,11 +1,11 @@
 """What a reply does: ACK (record, silence, stop escalation, confirm), UNACK, ESC, HELP.
 
-Order of work, so that a crash loses nothing that was answered: the reply is recorded (its id:
-a repeated callback is answered ``duplicate`` and does nothing), then the acknowledgement is
-stored with the page's escalation stopped, in one transaction; only then is Alertmanager asked
-for the silences, and their ids (or why there are none) are stored after. A crash between the
-two leaves the ack recorded and escalation stopped, without a silence (the API shows
-``silenceId`` null). Answers by SMS go through the outbox like any page.
+Order of work, so that a crash loses nothing that was answered: the acknowledgement is stored
+with the page's escalation stopped, in one transaction, under the reply's id; only then is
+Alertmanager asked for the silences, and their ids (or why there are none) are stored after, as
+the ack's outcome. A repeated callback of a finished ack is answered ``duplicate``; one whose ack
+has no outcome yet (the process died in between: Clickatell retries an unanswered callback)
+makes the silences and the confirmation then. Answers by SMS go through the outbox like any page.
 
 Silences: one per acknowledged alert whose matchers are exactly that alert's label set (so each
 silences that alert and nothing else), at most :data:`MAX_SILENCES` per ack.
@@ -13,6 +13,7 @@ silences that alert and nothing else), at most :data:`MAX_SILENCES` per ack.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
@@ -30,6 +31,7 @@ from receiver.twoway import HELP_TEXT, Reply, ack_text, clock_time, mask, parse_
 log = logging.getLogger("sms_receiver.acks")
 
 MAX_SILENCES = 20
+SILENCE_BUDGET = 10.0  # seconds the silences of one ack may take (Clickatell waits for the answer)
 UNKNOWN_WINDOW = 600.0  # at most one "not understood" answer per number in this many seconds
 
 
@@ -81,6 +83,11 @@ class Replies:
                                f"#{page.ref} was not sent to your groups: only they can act on it.")
             return "refused"
         if cmd.action == "ack":
+            if page.acked_at is not None and not any(
+                    a.number == reply.number and a.outcome is None and a.unacked_at is None for a in page.acks):
+                # acknowledged already (by this member or another): no second silence, no second
+                # broadcast to the groups
+                return "duplicate"
             if not await self._ack(snap, page, reply, cmd.duration, now):
                 return "duplicate"
             await self._store.reply_seen(reply.id, reply.number, now, "ack")
@@ -110,10 +117,19 @@ class Replies:
         group = cfg.group(page.group_id)
         until = now + (duration or (group.ack_duration if group else 3600.0))
         by = mask(reply.number)
-        if not await self._store.ack(NewAck(reply.id, page.ref, reply.number, by, now, until)):
-            return False
-        self._metrics.acks.labels(page.group_id).inc()
-        self._metrics.ack_seconds.observe(max(0.0, now - page.created_at))
+        if await self._store.ack(NewAck(reply.id, page.ref, reply.number, by, now, until)):
+            self._metrics.acks.labels(page.group_id).inc()
+            self._metrics.ack_seconds.observe(max(0.0, now - page.created_at))
+        else:
+            # Acknowledged before: done, unless the process died between storing the ack and
+            # recording its outcome; Clickatell's retry then finishes it (silences, confirmation)
+            fresh = await self._store.page(page.ref)
+            unfinished = next((a for a in (fresh.acks if fresh else ()) if a.number == reply.number
+                               and a.outcome is None and a.unacked_at is None), None)
+            if unfinished is None:
+                return False
+            log.info("page #%d: finishing an acknowledgement a restart interrupted", page.ref)
+            now, until = unfinished.at, unfinished.until
         original = await self._store.get_message(page.message_id)
         names = [i.name for i in original.items if i.status == "firing"] if original else []
         ids, note = await self._silence(cfg, page, by, now, until)
@@ -139,15 +155,17 @@ class Replies:
         if not firing:
             return [], "no silence made: its alerts resolved"
         ids: list[str] = []
-        for labels in firing[:MAX_SILENCES]:
-            try:
-                ids.append(await create(api, urls, labels, now, until, f"sms-receiver ack by {by}",
-                                        f"acknowledged by SMS reply to page #{page.ref} ({page.group_id})"))
-            except SilenceError as exc:
-                self._metrics.silences.labels("failed").inc()
-                log.warning("silence for page #%d failed: %s", page.ref, exc)
-                return ids, "SILENCE FAILED: Alertmanager did not answer"
-            self._metrics.silences.labels("created").inc()
+        try:  # the callback waits for this: bounded, whatever the peers' timeouts add up to
+            async with asyncio.timeout(SILENCE_BUDGET):
+                for labels in firing[:MAX_SILENCES]:
+                    ids.append(await create(api, urls, labels, now, until, f"sms-receiver ack by {by}",
+                                            f"acknowledged by SMS reply to page #{page.ref} ({page.group_id})"))
+                    self._metrics.silences.labels("created").inc()
+        except (SilenceError, TimeoutError) as exc:
+            self._metrics.silences.labels("failed").inc()
+            log.warning("silence for page #%d failed: %s", page.ref,
+                        exc if isinstance(exc, SilenceError) else f"over {SILENCE_BUDGET:g}s in all")
+            return ids, "SILENCE FAILED: no Alertmanager took it"
         return ids, "" if len(firing) <= MAX_SILENCES else f"only {MAX_SILENCES} alerts silenced"
 
     async def _unack(self, snap: Snapshot, page: PageRecord, reply: Reply, now: float) -> None:

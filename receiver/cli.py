@@ -23,6 +23,7 @@ from receiver.config import (
 )
 from receiver.ingest import InvalidPayload, parse_webhook
 from receiver.logs import setup_logging
+from receiver.models import NewMessage
 from receiver.pipeline import Snapshot, plan_notification, policy, refs_wanted, with_refs
 
 log = logging.getLogger("sms_receiver")
@@ -215,6 +216,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # render
 
 
+def _print_message(m: NewMessage, snap: Snapshot, now: float, throttle: str) -> None:
+    """What ``render`` says of one message, after its heading line: recipients, policy,
+    encoding and parts, a template failure, the text."""
+    print(f"  recipients: {', '.join(m.recipients)}")
+    print(f"  policy: {policy(m, snap, now).describe()}; then per number: {throttle}")
+    print(f"  {m.sms.encoding}, {m.sms.parts} part(s), {len(m.sms.text)} characters"
+          + (", cut to clickatell.max_parts" if m.sms.truncated else ""))
+    if m.template_error:
+        print(f"  TEMPLATE FAILED ({m.template_error}): the fallback text below is sent")
+    print("  text:")
+    for line in m.sms.text.splitlines() or [""]:
+        print(f"    | {line}")
+
+
 def _guess_source(body: bytes) -> str:
     try:
         data = json.loads(body)
@@ -284,15 +299,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         print()
         print(f"group {m.group_id}" + (f" ({group.name})" if group.name else "")
               + f": level {m.level}, {m.status}, {m.alert_count} alert(s), template {group.template}")
-        print(f"  recipients: {', '.join(m.recipients)}")
-        print(f"  policy: {policy(m, snap, now).describe()}; then per number: {throttle}")
-        print(f"  {m.sms.encoding}, {m.sms.parts} part(s), {len(m.sms.text)} characters"
-              + (", cut to clickatell.max_parts" if m.sms.truncated else ""))
-        if m.template_error:
-            print(f"  TEMPLATE FAILED ({m.template_error}): the fallback text below is sent")
-        print("  text:")
-        for line in m.sms.text.splitlines() or [""]:
-            print(f"    | {line}")
+        _print_message(m, snap, now, throttle)
     for title, alerts in (("matched no route", plan.routing.unrouted),
                           ("taken by no matched group (level or send_resolved)", plan.routing.filtered)):
         if alerts:
@@ -380,15 +387,7 @@ def _render_send(args: argparse.Namespace, cfg: Config) -> int:
                 else "message" + (" with variables" if item.variables else ""))
         print(f"item {i}: group {m.group_id}" + (f" ({group.name})" if group.name else "")
               + f": level {m.level}, {what}")
-        print(f"  recipients: {', '.join(m.recipients)}")
-        print(f"  policy: {policy(m, snap, now).describe()}; then per number: {throttle}")
-        print(f"  {m.sms.encoding}, {m.sms.parts} part(s), {len(m.sms.text)} characters"
-              + (", cut to clickatell.max_parts" if m.sms.truncated else ""))
-        if m.template_error:
-            print(f"  TEMPLATE FAILED ({m.template_error}): the fallback text below is sent")
-        print("  text:")
-        for line in m.sms.text.splitlines() or [""]:
-            print(f"    | {line}")
+        _print_message(m, snap, now, throttle)
     return 0 if accepted == len(items) else 1
 
 

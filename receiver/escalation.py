@@ -11,7 +11,8 @@ The chain: round 1 pages the paged group's ``escalate.to``; round n pages, for e
 round n-1, its own ``escalate.to`` when it has one, else that group again. ``after`` and
 ``repeat`` are the paged group's. A page stops escalating when acknowledged, when every one of
 its alerts resolved, or after ``repeat`` rounds. A page whose every recipient failed (rejected,
-or a failed delivery report) escalates at once instead of waiting for ``after``.
+or a failed delivery report) escalates at once instead of waiting for ``after``; one still held
+(quiet hours, the throttle, a digest) when its round is due waits another ``after`` first.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from receiver.twoway import REF_SUFFIX, with_ref
 log = logging.getLogger("sms_receiver.escalation")
 
 BATCH = 50  # pages escalated per pass
+UNSENT = ("pending", "held")  # a page in these states has reached no phone yet
 
 
 def targets(cfg: Config, group_id: str, round_: int) -> tuple[str, ...]:
@@ -137,6 +139,16 @@ class Escalator:
             snap = self._snapshot()
             groups = targets(snap.config, page.group_id, page.rounds + 1)
             original = await self._store.get_message(page.message_id)
+            group = snap.config.group(page.group_id)
+            # the last round sent (the page itself, or its last escalation) still held (quiet
+            # hours, throttle, digest) or waiting: nobody could have answered what they did not
+            # get, and rounds must not pile up unseen; its clock starts again
+            last = original if page.rounds == 0 or not page.escalations else \
+                await self._store.get_message(page.escalations[-1].message_id)
+            if (last is not None and last.state in UNSENT and group is not None
+                    and group.escalate is not None):
+                await self._store.escalate_at(page.ref, now + group.escalate.after)
+                continue
             messages = escalation_messages(snap, page, original, groups, now) if groups else []
             if not await self._store.escalated(page.ref, page.rounds, next_round_at(snap.config, page, now), now,
                                                messages, groups):

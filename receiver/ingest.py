@@ -326,9 +326,3 @@ def parse_send(body: bytes) -> list[SendItem | InvalidPayload]:
         problem = parsed.problem()
         out.append(InvalidPayload(problem) if problem else parsed)
     return out
-
-
-def send_notification(item: SendItem) -> Notification:
-    """A ``/send`` item as a notification with no alerts (the template sees ``variables``)."""
-    return Notification(source="send", alerts=(), message=item.message or "", variables=item.variables)
-

@@ -58,7 +58,6 @@ class Notification:
     truncated_alerts: int = 0
     title: str = ""  # Grafana
     message: str = ""  # Grafana, or the literal text of a /send item
-    variables: Mapping[str, Any] = field(default_factory=dict)  # /send
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 from receiver.config import Config
 from receiver.encoding import fit
-from receiver.ingest import SendItem, send_notification
 from receiver.models import AlertStatus, GroupDelivery, NewMessage, Notification
 from receiver.paging import Policy, Throttle, policy_for
 from receiver.render import Renderer, build_context
@@ -90,11 +89,11 @@ def with_policy(message: NewMessage, snap: Snapshot, now: float) -> NewMessage:
 
 
 def _message(notification: Notification, delivery: GroupDelivery, snap: Snapshot, now: float,
-             message_id: str, template: str | None = None) -> NewMessage:
+             message_id: str) -> NewMessage:
     cfg = snap.config
     group = cfg.groups_by_id[delivery.group_id]
     rendered = snap.renderer.render(
-        template or group.template,
+        group.template,
         build_context(notification, delivery, group, now, zone=group.timezone or cfg.timezone),
         cfg.clickatell.max_parts,
     )
@@ -114,24 +113,17 @@ def _message(notification: Notification, delivery: GroupDelivery, snap: Snapshot
     )
 
 
-def plan_send(item: SendItem, snap: Snapshot, now: float, message_id: str) -> NewMessage:
-    """One ``/send`` item as a message to its group (whose existence the caller checked).
-
-    A literal ``message`` is sent as written (cut to ``max_parts``); ``useTemplate`` renders the
-    group's template (or the item's ``template``) with the caller's ``variables``.
-    """
+def plan_send(group_id: str, text: str, snap: Snapshot, now: float, message_id: str) -> NewMessage:
+    """A ``/send`` text (rendered already: receiver.send) as a message to its group, whose
+    existence the caller checked; cut to ``max_parts``, its paging policy applied."""
     cfg = snap.config
-    group = cfg.groups_by_id[item.groupId]
+    group = cfg.groups_by_id[group_id]
     level = cfg.group_level(group)
-    if item.useTemplate:
-        delivery = GroupDelivery(group.id, level, AlertStatus.FIRING, ())
-        message = _message(send_notification(item), delivery, snap, now, message_id, item.template)
-    else:
-        message = NewMessage(
-            id=message_id, group_id=group.id, level=level, status=AlertStatus.FIRING,
-            sms=fit(item.message or "", cfg.clickatell.max_parts), recipients=group.members,
-            source="send", alert_count=0, priority=cfg.level_rank(level),
-        )
+    message = NewMessage(
+        id=message_id, group_id=group.id, level=level, status=AlertStatus.FIRING,
+        sms=fit(text, cfg.clickatell.max_parts), recipients=group.members,
+        source="send", alert_count=0, priority=cfg.level_rank(level),
+    )
     return with_policy(message, snap, now)
 
 
@@ -165,7 +157,10 @@ def with_refs(plan: Plan, refs: Sequence[int], snap: Snapshot, now: float) -> Pl
         messages.append(replace(message, sms=with_ref(message.sms, ref, cfg.clickatell.max_parts)))
         alerts = tuple((alert_item(a, "", 0).key, dict(a.labels)) for a in delivery.alerts
                        if a.status is AlertStatus.FIRING)
-        escalate_at = now + group.escalate.after if group.escalate is not None else None
+        esc = group.escalate
+        escalates = esc is not None and (esc.level is None
+                                          or cfg.level_rank(message.level) <= cfg.level_rank(esc.level))
+        escalate_at = now + esc.after if escalates and esc is not None else None
         pages.append(NewPage(ref, message.id, group.id, message.source, escalate_at, alerts))
     return replace(plan, messages=tuple(messages), pages=tuple(pages))
 

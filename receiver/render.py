@@ -661,6 +661,13 @@ class Rendered:
     error: str | None  # set when the fallback text was used
 
 
+def _rendered(text: str, what: str, context: Mapping[str, Any], max_parts: int) -> Rendered:
+    """A template's text as the SMS; an empty one is a failure: the fallback text instead."""
+    if text:
+        return Rendered(fit(text, max_parts), None)
+    return Rendered(fit(fallback_text(context), max_parts), f"{what} rendered an empty text")
+
+
 class Renderer:
     """Compiled templates. Construct once per config; :meth:`render` never raises and returns
     within about ``budget`` seconds of ``timer`` (CPU time of the rendering thread by default: the
@@ -689,9 +696,7 @@ class Renderer:
             except Exception as exc:  # noqa: BLE001 - whatever a template does, the page goes out
                 error = f"template {template!r} failed: {type(exc).__name__}: {exc}"
             else:
-                if text:
-                    return Rendered(fit(text, max_parts), None)
-                error = f"template {template!r} rendered an empty text"
+                return _rendered(text, f"template {template!r}", context, max_parts)
         return Rendered(fit(fallback_text(context), max_parts), error)
 
     def render_send(self, name: str, template: SendTemplateSource, context: Mapping[str, Any],
@@ -722,9 +727,7 @@ class Renderer:
         except Exception as exc:  # noqa: BLE001 - whatever a template does, the page goes out
             error = f"send template {name!r} failed: {type(exc).__name__}: {exc}"
         else:
-            if text:
-                return Rendered(fit(text, max_parts), None)
-            error = f"send template {name!r} rendered an empty text"
+            return _rendered(text, f"send template {name!r}", context, max_parts)
         return Rendered(fit(fallback_text(context), max_parts), error)
 
 
@@ -805,19 +808,21 @@ def render_seed(text: str, variables: Mapping[str, Any], budget: _Budget | None 
 
 def send_context(variables: Mapping[str, Any], group: GroupInfo, level: str, now: float,
                  zone: str | None = None) -> dict[str, Any]:
-    """What a ``/send`` template sees: ``variables`` (and each by its own name where it does not
-    shadow these), ``group``, ``level``, ``source`` ("send") and ``now``. No ``alerts``: there
+    """What a ``/send`` template sees: ``variables`` but the null ones (and each by its own name
+    where it does not shadow these), ``group``, ``level``, ``source`` ("send") and ``now``. No ``alerts``: there
     are none, and a template that expects them fails as a missing variable, not as ``FIRING 0``."""
     ctx: dict[str, Any] = {
         "group": {"id": group.id, "name": group.name, "level": group.level or "",
                   "timezone": zone or getattr(group, "timezone", None) or "UTC"},
         "level": level,
         "source": "send",
-        "variables": dict(variables),
+        # a null is no value: it is missing (a 422 naming it), never the text "None"
+        "variables": {k: v for k, v in variables.items() if v is not None},
         "now": datetime.fromtimestamp(now, timezone.utc),
     }
     for name, value in variables.items():
-        ctx.setdefault(name, value)
+        if value is not None:
+            ctx.setdefault(name, value)
     return ctx
 
 
@@ -908,11 +913,8 @@ def build_context(
         "truncated_alerts": notification.truncated_alerts,
         "title": notification.title,
         "message": notification.message,
-        "variables": dict(notification.variables),
         "now": datetime.fromtimestamp(now, timezone.utc),
     }
-    for name, value in notification.variables.items():
-        ctx.setdefault(name, value)
     return ctx
 
 

@@ -67,7 +67,7 @@ def plan_item(item: SendItem | InvalidPayload, snap: Snapshot, now: float, messa
         text = item.message or ""
     if not text.strip():
         return "the text is empty once its variables are filled in"
-    message = plan_send(SendItem(groupId=group.id, message=text), snap, now, message_id)
+    message = plan_send(group.id, text, snap, now, message_id)
     if rendered is not None:  # as rendered: fit() knows whether it cut the text
         message = replace(message, sms=rendered.sms, template_error=error)
     return message

@@ -46,7 +46,8 @@ def _auth(api: AlertmanagerApi) -> httpx.BasicAuth | None:
 
 async def _each(api: AlertmanagerApi, urls: Sequence[str], method: str, path: str,
                 body: Mapping[str, Any] | None) -> httpx.Response:
-    """The first answer that is not a failure of that peer (network, 5xx); 4xx is final."""
+    """The first answer that is not a failure of that peer (network, 5xx, 401/403: a peer with
+    other credentials); any other 4xx is final (the same request fails on every peer)."""
     if not urls:
         raise SilenceError("no Alertmanager is configured (alertmanager.urls)")
     problems = []
@@ -58,7 +59,7 @@ async def _each(api: AlertmanagerApi, urls: Sequence[str], method: str, path: st
             except httpx.HTTPError as exc:
                 problems.append(f"{_where(url)}: {type(exc).__name__}")
                 continue
-            if r.status_code >= 500:
+            if r.status_code >= 500 or (r.status_code in (401, 403) and url != urls[-1]):
                 problems.append(f"{_where(url)}: HTTP {r.status_code}")
                 continue
             return r

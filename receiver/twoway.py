@@ -19,6 +19,8 @@ from typing import Any, Literal
 from urllib.parse import unquote_to_bytes
 from zoneinfo import ZoneInfo
 
+import pydantic_core
+
 from receiver.config import parse_duration
 from receiver.encoding import fit
 from receiver.models import SmsText
@@ -88,12 +90,21 @@ def parse_command(text: str) -> Command:
 # Callback bodies
 
 
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{4})+")
+_UNSAFE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
 def _decode(text: str, charset: str | None) -> str:
     """Texts in other charsets arrive URL-encoded (reference/clickatell-api.md): decoded with
     their charset; a UTF-8 text is taken as it is."""
     cs = (charset or "UTF-8").strip().upper()
     if cs in ("UTF-8", "UTF8", ""):
         return text
+    if cs in ("UCS-2", "UCS2", "UTF-16", "UTF-16BE") and _HEX.fullmatch(text):
+        # an SMS's UCS-2 text, given as hex digits (0041 = "A")
+        return bytes.fromhex(text).decode("utf-16-be", errors="replace")
+    if cs in ("UCS-2", "UCS2"):
+        cs = "UTF-16-BE"
     try:
         return unquote_to_bytes(text).decode(cs.lower())
     except (LookupError, UnicodeDecodeError) as exc:
@@ -122,7 +133,14 @@ def _text(value: Any, field: str) -> str:
 
 
 def _opt(value: Any) -> str | None:
-    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) else None
+    """An optional id as stored: a string or number, bounded, without control characters or lone
+    surrogates (a reply that can never be stored must be a 400, not a 503 Clickatell retries)."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value):
+        return None
+    text = str(value)
+    if len(text) > 200 or _UNSAFE.search(text):
+        raise BadReply("an id is over 200 characters or holds a control character or lone surrogate")
+    return text
 
 
 def _fallback_id(number: str, text: str, stamp: Any) -> str:
@@ -136,10 +154,10 @@ def parse_reply_callback(fields: Mapping[str, Any] | bytes) -> list[Reply]:
     ``messageId`` of the message replied to, ``replyMessageId``) as JSON, form or query fields,
     or the One API envelope (``event.moText[]``). Raises :class:`BadReply` naming the problem."""
     if isinstance(fields, bytes):
-        try:
-            data = json.loads(fields)
-        except (ValueError, UnicodeDecodeError):
-            raise BadReply("body is not JSON (nor form fields)") from None
+        try:  # pydantic's parser, as for status callbacks: bounded nesting, no lone surrogates
+            data = pydantic_core.from_json(fields)
+        except ValueError:
+            raise BadReply("body is not JSON (nor form fields), or nests too deep") from None
     else:
         data = fields
     if not isinstance(data, Mapping):
@@ -186,8 +204,10 @@ def with_ref(sms: SmsText, ref: int, max_parts: int) -> SmsText:
 
 
 def mask(number: str) -> str:
-    """A phone number as shown to others and in silences: its last three digits."""
-    return f"…{number[-3:]}" if len(number) > 3 else "…"
+    """A phone number as shown to others and in silences: its last four digits, as the web page
+    and the logs show them, behind a GSM-7 character ("…" would make every confirmation UCS-2)."""
+    digits = number.lstrip("+")
+    return f"*{digits[-4:]}" if digits else "*"
 
 
 def matchers(labels: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 
 from receiver.clock import FakeClock
 from receiver.escalation import escalation_text, next_round_at, targets
@@ -15,6 +17,13 @@ from tests.conftest import Fake, eventually
 from tests.helpers import make_config
 from tests.test_twoway import DB, _metric, _page, _texts
 from tests.tools import alert_body
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    """Both outboxes: pages, acks, escalations and the history queries are SQL of each."""
+    return request.param
+
 
 WEB = "+14155550123"
 GROUPS = [
@@ -178,3 +187,40 @@ async def test_resolved_pages_leave_the_escalation_index_and_retention_prunes_pa
     assert record is not None and record.escalate_at is None and not record.firing
     assert await store.prune(clock.now() + 1, keys_before=0, sends_before=0) >= 2
     assert await store.page(page["ref"]) is None
+
+
+def test_only_pages_at_the_escalation_level_or_above_escalate():
+    import json
+
+    from receiver.ingest import parse_webhook
+    from receiver.pipeline import Snapshot, plan_notification, refs_wanted, with_refs
+    from tests.helpers import fixture, make_config
+
+    cfg = make_config(groups=[
+        {"id": "db", "members": ["+886911960999"], "level": "info", "two_way": True,
+         "escalate": {"after": "5m", "to": ["web"], "level": "critical"}},
+        {"id": "web", "members": ["+14155550123"]}], routes=[], default_groups=["db"])
+    snap = Snapshot.build(cfg)
+    due = {}
+    for severity in ("critical", "warning"):
+        body = json.loads(fixture("alertmanager-0.25-firing.json"))
+        for a in body["alerts"]:
+            a["labels"]["severity"] = severity
+        plan = plan_notification(parse_webhook(json.dumps(body).encode(), "alertmanager"), "n", snap, 1000.0)
+        (page,) = with_refs(plan, list(range(1, refs_wanted(plan, snap) + 1)), snap, 1000.0).pages
+        due[severity] = page.escalate_at
+    assert due == {"critical": 1300.0, "warning": None}
+
+
+async def test_a_page_still_held_does_not_escalate_its_clock_starts_again(start_receiver, fake: Fake, http):
+    """Quiet hours hold the page: at ``after`` nobody has seen it, so nothing goes further yet."""
+    clock = FakeClock()
+    quiet = [{**GROUPS[0], "quiet_hours": {"timezone": "UTC", "start": "00:00", "end": "23:59",
+                                           "min_level": "critical"}}, *GROUPS[1:]]
+    rx = await start_receiver(groups=quiet, receiver_kwargs={"clock": clock})
+    page = await _page(http, rx.url, "EscHeld")
+    clock.advance(301)
+    assert await rx.receiver.escalator.run_once() == 0
+    stored = await rx.receiver.store.page(page["ref"])
+    assert stored.rounds == 0 and stored.escalate_at == pytest.approx(clock.now() + 300)
+    assert await _escalated(http, fake) == []

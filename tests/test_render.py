@@ -4,7 +4,7 @@ import pytest
 
 from receiver.config import DEFAULT_TEMPLATE
 from receiver.ingest import parse_webhook
-from receiver.models import AlertStatus, GroupDelivery, Notification
+from receiver.models import GroupDelivery
 from receiver.render import Renderer, build_context, fallback_text, template_error
 from tests.helpers import fixture, make_config
 
@@ -39,14 +39,15 @@ def test_context_keys_and_common_labels_recomputed_for_subset():
     assert full["group"] == {"id": "db", "name": "DB on-call", "level": "warning", "timezone": "UTC"}
     assert full["external_url"] == "http://127.0.0.1:9093"
     assert full["alerts"][0]["ends_at"] is None and full["alerts"][0]["status"] == "firing"
-    for key in ("status", "level", "group_labels", "source", "truncated_alerts", "now", "variables"):
+    for key in ("status", "level", "group_labels", "source", "truncated_alerts", "now"):
         assert key in full
 
 
-def test_variables_at_top_level_without_shadowing():
-    n = Notification(source="send", alerts=(), variables={"name": "Steven", "level": "hijack"})
+def test_send_variables_at_top_level_without_shadowing():
+    from receiver.render import send_context
+
     cfg = make_config()
-    ctx = build_context(n, GroupDelivery("db", "warning", AlertStatus.FIRING, ()), cfg.groups_by_id["db"], NOW)
+    ctx = send_context({"name": "Steven", "level": "hijack"}, cfg.groups_by_id["db"], "warning", NOW)
     assert render("Hi {{ name }} {{ level }} {{ variables.level }}", ctx).sms.text == "Hi Steven warning hijack"
 
 

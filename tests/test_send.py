@@ -240,3 +240,16 @@ async def test_one_send_request_is_bounded_in_items_and_in_cpu(start_receiver, h
     refused = [a for a in answer["results"] if a["status"] == "rejected"]
     assert refused and all("rendering took over" in a["error"] for a in refused), answer
     assert len(refused) < 40
+
+
+def test_a_null_variable_is_missing_in_jinja2_send_templates_too():
+    from receiver.ingest import parse_send
+    from receiver.pipeline import Snapshot
+    from receiver.send import plan_item
+    from tests.helpers import make_config
+
+    cfg = make_config(send_templates={"incident": {"syntax": "jinja2", "text": "{{ name }}: {{ what }}"}})
+    (item,) = parse_send(b'[{"groupId": "db", "useTemplate": true, "template": "incident",'
+                         b' "variables": {"name": "n", "what": null}}]')
+    refused = plan_item(item, Snapshot.build(cfg), 1000.0, "m1")
+    assert isinstance(refused, str) and "'what'" in refused, refused

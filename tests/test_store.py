@@ -416,6 +416,18 @@ async def test_a_file_from_a_newer_release_is_refused(tmp_path: Path):
         await SQLiteStore(str(tmp_path / "outbox.db")).open()
 
 
+async def test_a_file_from_an_earlier_development_version_is_refused(tmp_path: Path):
+    """0.x edits the first migration in place: a file at version 1 that lacks part of it was
+    made by an earlier development commit, and is refused with what to do, never half used."""
+    store = SQLiteStore(str(tmp_path / "outbox.db"))
+    await store.open()
+    await store.close()
+    with closing(sqlite3.connect(tmp_path / "outbox.db")) as conn:
+        conn.execute("DROP TABLE pages")
+    with pytest.raises(StoreError, match="earlier development version .* lacks pages.* move the outbox aside"):
+        await SQLiteStore(str(tmp_path / "outbox.db")).open()
+
+
 async def test_every_message_field_round_trips(store):
     item = Item("fp1", "DiskFull db-1", "warning", 1, "firing")
     await store.accept([msg("m", items=(item,), template_error="boom")], 1000.0)
@@ -572,6 +584,10 @@ async def test_replicas_starting_together_migrate_once_and_a_newer_schema_is_ref
     assert pg_server.psql("SELECT version FROM sms_receiver_schema", db) == str(len(PG_MIGRATIONS))
     pg_server.psql(f"UPDATE sms_receiver_schema SET version={len(PG_MIGRATIONS) + 1}", db)
     with pytest.raises(StoreError, match="newer than this release knows"):
+        await PostgresStore(Storage(pg_url)).open()
+    pg_server.psql(f"UPDATE sms_receiver_schema SET version={len(PG_MIGRATIONS)}", db)
+    pg_server.psql("DROP TABLE escalations", db)  # as if made by an earlier development commit
+    with pytest.raises(StoreError, match="earlier development version .* lacks escalations"):
         await PostgresStore(Storage(pg_url)).open()
 
 

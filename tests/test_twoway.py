@@ -17,6 +17,13 @@ from receiver.twoway import BadReply, parse_command, parse_reply_callback, with_
 from tests.conftest import Fake, eventually
 from tests.tools import alert_body, free_port
 
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    """Both outboxes: pages, acks, escalations and the history queries are SQL of each."""
+    return request.param
+
+
 DB = ["+886911960999", "+886911960998"]
 GROUPS = [
     {"id": "db", "level": "warning", "members": DB, "two_way": True, "ack_duration": "2h",
@@ -171,7 +178,7 @@ async def test_ack_creates_silence_confirms_and_unack_expires(start_receiver, fa
     length = (datetime.fromisoformat(silence["endsAt"].replace("Z", "+00:00"))
               - datetime.fromisoformat(silence["startsAt"].replace("Z", "+00:00"))).total_seconds()
     assert length == 7200  # the group's ack_duration
-    assert silence["createdBy"] == "sms-receiver ack by …999" and f"#{ref}" in silence["comment"]
+    assert silence["createdBy"] == "sms-receiver ack by *0999" and f"#{ref}" in silence["comment"]
     assert am.headers == ["Bearer am-token-1"]
 
     async def confirmed() -> bool:
@@ -183,7 +190,7 @@ async def test_ack_creates_silence_confirms_and_unack_expires(start_receiver, fa
         shown = await r.json()
     assert shown["ref"] == ref and shown["escalations"] == []
     (ack,) = shown["acks"]
-    assert (ack["by"], ack["silenceId"], ack["unackedAt"]) == ("…999", "sil-1", None)
+    assert (ack["by"], ack["silenceId"], ack["unackedAt"]) == ("*0999", "sil-1", None)
     assert await _metric(http, rx.url, 'sms_receiver_acks_total{group="db"}') == 1
     assert await _metric(http, rx.url, 'sms_receiver_silences_total{outcome="created"}') == 1
     assert await _metric(http, rx.url, "sms_receiver_ack_seconds_count") == 1
@@ -265,7 +272,7 @@ async def test_ack_without_alertmanager_is_recorded_and_says_so(start_receiver, 
     await eventually(confirmed)
     async with http.get(f"{rx.url}/api/v1/messages/{page['id']}") as r:
         (ack,) = (await r.json())["acks"]
-    assert ack["silenceId"] is None and ack["by"] == "…998"
+    assert ack["silenceId"] is None and ack["by"] == "*0998"
     assert await _metric(http, rx.url, 'sms_receiver_silences_total{outcome="failed"}') == 1
 
 
@@ -280,6 +287,26 @@ async def test_an_ack_whose_reply_was_recorded_before_a_crash_is_not_lost(start_
         assert (await r.json())["replies"] == ["ack"]
     assert len(am.posts) == 1
     assert (await rx.receiver.store.page(ref)).acked_at is not None
+
+
+async def test_an_ack_stored_before_a_crash_gets_its_silence_when_clickatell_retries(
+        start_receiver, fake: Fake, am: StubAlertmanager, http):
+    """The process died after storing the ack and before its silence: the retried callback
+    (same reply id) makes the silence and the confirmation; a third copy does nothing."""
+    from receiver.store import NewAck
+
+    rx = await start_receiver(groups=GROUPS, alertmanager={"urls": [am.url]})
+    ref = (await _page(http, rx.url, "TwoWayHalfDone"))["ref"]
+    now = rx.receiver.clock.now()
+    assert await rx.receiver.store.ack(NewAck("half", ref, DB[0], "*0999", now, now + 600))
+    body = {"replyMessageId": "half", "fromNumber": DB[0].lstrip("+"), "text": f"ACK {ref}"}
+    for expected in (["ack"], ["duplicate"]):
+        async with http.post(f"{rx.url}/callbacks/clickatell/reply", json=body) as r:
+            assert (await r.json())["replies"] == expected
+    (silence,) = am.posts
+    assert silence["matchers"] and "#%d" % ref in silence["comment"]
+    (ack,) = (await rx.receiver.store.page(ref)).acks
+    assert ack.silence_ids == ("sil-1",) and ack.outcome == "created"
 
 
 async def test_one_api_ack_without_ref_takes_the_page_replied_to(start_receiver, fake: Fake, am: StubAlertmanager, http):
@@ -315,3 +342,22 @@ async def test_grafana_page_ack_makes_no_silence_without_grafana_urls(start_rece
     await eventually(confirmed)
     assert am.posts == []  # Alertmanager's API is not Grafana's: nothing silenced there
     assert await _metric(http, rx.url, 'sms_receiver_silences_total{outcome="none"}') == 1
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b'{"a":' * 50_000, "nests too deep"),
+    (b'{"fromNumber": "886911960999", "text": "ACK", "replyMessageId": "s1\\ud800"}', "not JSON"),
+    (b'{"fromNumber": "886911960999", "text": "ACK", "replyMessageId": "s1\\u0001"}', "control character"),
+])
+def test_hostile_reply_bodies_are_bad_replies_not_errors(body: bytes, problem: str):
+    from receiver.twoway import BadReply, parse_reply_callback
+
+    with pytest.raises(BadReply, match=problem):
+        parse_reply_callback(body)
+
+
+def test_a_ucs2_reply_in_hex_is_decoded():
+    from receiver.twoway import parse_reply_callback
+
+    (reply,) = parse_reply_callback({"fromNumber": "886911960001", "text": "00410043004B", "charset": "UCS-2"})
+    assert reply.text == "ACK"

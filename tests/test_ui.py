@@ -27,6 +27,13 @@ from receiver.ui import EXPORT_COLUMNS, csv_cell, meaning
 from tests.conftest import API_KEY, eventually
 from tests.helpers import fixture
 
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    """Both outboxes: pages, acks, escalations and the history queries are SQL of each."""
+    return request.param
+
+
 USER, PASSWORD, TOKEN = "ops", "s3cret-pw-7781", "tok-5f1e9c2a77"
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 ADMIN = {"basic_auth": {"username": USER, "password": PASSWORD}, "bearer_tokens": [TOKEN]}

@@ -360,6 +360,8 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
         targets = escalate.get("to") if isinstance(escalate, dict) else None
         for j, gid in enumerate(targets if isinstance(targets, list) else []):
             group_ref(f"groups.{i}.escalate.to.{j}", gid)
+        if isinstance(escalate, dict):
+            level_ref(f"groups.{i}.escalate.level", escalate.get("level"))
 
     for name, source in templates.items() if isinstance(templates, dict) else ():
         problem = template_error(source) if isinstance(source, str) else None
@@ -486,8 +488,8 @@ def _two_way_warnings(cfg: Config) -> list[str]:
                    "escalation, but creates no silence")
     for g in cfg.groups:
         if g.escalate is not None and not g.two_way:
-            out.append(f"group {g.id} escalates but has two_way off: nobody can acknowledge its pages, "
-                       "so every one of them escalates")
+            out.append(f"group {g.id} has escalate but two_way off: its own pages are not numbered and never "
+                       "escalate; its escalate.to only continues the chains of pages escalated to it")
     return out
 
 

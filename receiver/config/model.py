@@ -339,6 +339,7 @@ class Escalate(_Model):
     after: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
     to: tuple[str, ...] = Field(min_length=1)
     repeat: int = Field(1, ge=1, le=10)
+    level: str | None = None  # only pages at this level or more urgent escalate; None: every page
 
 
 class AlertmanagerApi(_Model):

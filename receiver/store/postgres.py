@@ -65,6 +65,7 @@ from receiver.store.postgres_sql import (
     Clean,
     Decider,
     compact_counts,
+    compact_group_hours,
     fenced,
     insert,
     record_results,
@@ -500,6 +501,8 @@ class PostgresStore:
             n += await pg2.prune_pages(conn, before, limit)
             while await compact_counts(conn) == COUNTS_CHUNK:
                 pass
+            while await compact_group_hours(conn) == COUNTS_CHUNK:  # else it grows with every send
+                pass
             return n
 
         return await self._run(run)
@@ -526,11 +529,7 @@ class PostgresStore:
         """From group_hours (postgres_schema.py), compacting its oldest rows first, as
         :meth:`stats` does message_counts."""
         async def run(conn: Any) -> list[GroupCounts]:
-            await conn.execute(
-                "WITH gone AS (DELETE FROM group_hours WHERE id IN (SELECT id FROM group_hours "
-                "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING group_id, hour, state, n) "
-                "INSERT INTO group_hours(group_id, hour, state, n) SELECT group_id, hour, state, sum(n) "
-                "FROM gone GROUP BY 1, 2, 3 HAVING sum(n) <> 0", COUNTS_CHUNK)
+            await compact_group_hours(conn)
             by_group: dict[str, dict[str, int]] = {}
             for group, state, n in await conn.fetch(
                     "SELECT group_id, state, sum(n) FROM group_hours WHERE hour >= $1 GROUP BY 1, 2",

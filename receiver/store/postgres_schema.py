@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from receiver.store.schema import missing_objects, schema_objects
+
 # pg_advisory_lock keys: arbitrary, fixed, and the same in every release.
 MIGRATION_LOCK = 0x736D7372_00000001  # "smsr" 1
 POLICY_LOCK = 0x736D7372_00000002
@@ -248,6 +250,12 @@ async def migrate(conn: Any, migrations: Sequence[str] = MIGRATIONS) -> int:
                 await conn.execute(migrations[version])
                 await conn.execute("DELETE FROM sms_receiver_schema")
                 await conn.execute("INSERT INTO sms_receiver_schema(version) VALUES ($1)", version + 1)
+        present = {r[0] for r in await conn.fetch(
+            "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+            "UNION SELECT tgname FROM pg_trigger")}
+        problem = missing_objects(schema_objects(migrations), present)
+        if problem:
+            raise SchemaError(problem.replace("the outbox was", "the database's outbox was"))
         return int(found)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)

@@ -238,6 +238,17 @@ async def compact_counts(conn: Any) -> int:
         "SELECT count(*) FROM gone", COUNTS_CHUNK))
 
 
+async def compact_group_hours(conn: Any) -> int:
+    """The same for ``group_hours`` (the history page's counts): its rows summed per group, hour
+    and state, and those that sum to 0 (an hour whose messages were all pruned) dropped. Returns
+    how many rows it summed."""
+    return int(await conn.fetchval(
+        "WITH gone AS (DELETE FROM group_hours WHERE id IN (SELECT id FROM group_hours "
+        "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING group_id, hour, state, n), "
+        "summed AS (INSERT INTO group_hours(group_id, hour, state, n) SELECT group_id, hour, state, sum(n) "
+        "FROM gone GROUP BY 1, 2, 3 HAVING sum(n) <> 0) SELECT count(*) FROM gone", COUNTS_CHUNK))
+
+
 def _clean(value: Any) -> Any:
     """PostgreSQL's text cannot hold NUL (SQLite's can): it becomes U+FFFD, so a label, an error
     or a template output that carries one is stored rather than refused."""

@@ -3,11 +3,14 @@
 ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1`` (``PRAGMA user_version``), each in
 one transaction: a crash half-way leaves the file at the version before. A file newer than the
 last migration was written by a newer release: it is refused rather than misread. To change the
-schema, append a migration; never edit one that has been released.
+schema, append a migration; never edit one that has been released. Until the first release (0.x)
+``_V1`` itself is edited: a file made by an earlier development version lacks some of its tables
+or indexes and is refused by :func:`missing_objects`'s check rather than half used.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Sequence
 
@@ -200,6 +203,34 @@ class SchemaError(Exception):
     """The file's schema is one this release cannot use."""
 
 
+_OBJECT = re.compile(r"^\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX|TRIGGER)\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)",
+                     re.IGNORECASE | re.MULTILINE)
+
+
+def schema_objects(migrations: Sequence[str]) -> list[str]:
+    """The tables, indexes and triggers the migrations create, by name."""
+    return [m[1] for script in migrations for m in _OBJECT.finditer(script)]
+
+
+def missing_objects(expected: Sequence[str], present: set[str]) -> str | None:
+    """Why a store at the last version that lacks some of ``expected`` cannot be used, if so."""
+    missing = [name for name in expected if name not in present]
+    if not missing:
+        return None
+    return (f"the outbox was made by an earlier development version of sms-receiver: it lacks "
+            f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. Before the first release "
+            "no migration connects development versions: let the old version send what is pending, "
+            "then move the outbox aside (a new one is made at start)")
+
+
+def check_complete(conn: sqlite3.Connection, migrations: Sequence[str] = MIGRATIONS) -> None:
+    """Raise :class:`SchemaError` when the file lacks an object of the schema."""
+    present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    problem = missing_objects(schema_objects(migrations), present)
+    if problem:
+        raise SchemaError(problem)
+
+
 def migrate(conn: sqlite3.Connection, migrations: Sequence[str] = MIGRATIONS) -> int:
     """Bring the file to the last version, one transaction per migration; returns the version
     it was at. ``conn`` is in autocommit mode (``isolation_level=None``)."""
@@ -218,4 +249,5 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[str] = MIGRATIONS) ->
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+    check_complete(conn, migrations)
     return int(found)
