@@ -220,7 +220,7 @@ def test_real_answers_match_the_document(live):
 
 
 OPERATIONS = sorted(documented(), key=lambda mp: (mp[1], mp[0]))
-CASES = 60  # per operation and generation mode: ~20 operations × 2 × 60, well under a minute
+CASES = 100  # per operation and generation mode (200 an operation): ~25 operations × 2 × 100, about 75 s
 
 
 @pytest.mark.timeout(120)
