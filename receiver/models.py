@@ -89,14 +89,18 @@ class Item:
     level: str
     priority: int
     status: str  # firing | resolved
+    # the alert's label set, sorted (kept for the history page); () for a summary's own items
+    labels: tuple[tuple[str, str], ...] = ()
 
-    def to_list(self) -> list[str | int]:
-        return [self.key, self.name, self.level, self.priority, self.status]
+    def to_list(self) -> list[Any]:
+        head: list[Any] = [self.key, self.name, self.level, self.priority, self.status]
+        return head + [dict(self.labels)] if self.labels else head
 
     @classmethod
-    def from_list(cls, raw: Sequence[str | int]) -> Item:
-        key, name, level, priority, status = raw
-        return cls(str(key), str(name), str(level), int(priority), str(status))
+    def from_list(cls, raw: Sequence[Any]) -> Item:
+        key, name, level, priority, status, *labels = raw
+        return cls(str(key), str(name), str(level), int(priority), str(status),
+                   tuple(sorted(labels[0].items())) if labels else ())
 
 
 @dataclass(frozen=True, slots=True)

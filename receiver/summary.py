@@ -28,7 +28,7 @@ def alert_item(alert: Alert, level: str, priority: int) -> Item:
     where = labels.get("instance") or labels.get("job") or labels.get("service") or ""
     name = " ".join(p for p in (labels.get("alertname", ""), where) if p) or "alert"
     key = alert.fingerprint or label_fingerprint(labels)  # ingest sets it; /send has none
-    return Item(key, name, level, priority, str(alert.status))
+    return Item(key, name, level, priority, str(alert.status), tuple(sorted(labels.items())))
 
 
 @dataclass(frozen=True, slots=True)

@@ -393,7 +393,7 @@ async def _two_way(r: Receiver, message_id: str) -> dict[str, Any] | None:
         return None
     return {
         "error": None, "ref": page.ref, "first": page.message_id, "acked": _utc(page.acked_at),
-        # the label sets two-way paging keeps (for its silences): the only labels stored
+        # the label sets two-way paging keeps for its silences (the alerts table shows them too)
         "labels": [{"labels": ", ".join(f"{k}={v}" for k, v in sorted(labels.items())),
                     "resolved": resolved} for _, labels, resolved in page.alerts],
         "acks": [{"by": a.by, "at": _utc(a.at), "until": _utc(a.until), "outcome": a.outcome or "",

@@ -269,6 +269,7 @@ async def test_detail_and_groups_pages(start_receiver, fake, http):
     assert "code 105: Invalid destination address" in text
     assert mask("+886911960999") in text and "+886911960999" not in text
     assert "DiskFull db-1" in text and "GSM-7" in text
+    assert "alertname=DiskFull" in text and "instance=db-1:9100" in text  # the notification's labels
     status, _, text = await get(http, f"{rx.url}/ui/groups", headers=BASIC)
     assert status == 200 and "+*******0123" in text and "+14155550123" not in text
     assert '<svg' in text and 'aria-label="Last 24 h: sent 1, delivered 1, failed 1, held 0"' in text
