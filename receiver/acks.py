@@ -33,6 +33,7 @@ log = logging.getLogger("sms_receiver.acks")
 MAX_SILENCES = 20
 SILENCE_BUDGET = 10.0  # seconds the silences of one ack may take (Clickatell waits for the answer)
 UNKNOWN_WINDOW = 600.0  # at most one "not understood" answer per number in this many seconds
+ANSWER_LIMIT = 5  # answers to one phone (HELP, "no page", …) in UNKNOWN_WINDOW, all kinds together
 
 
 class Replies:
@@ -66,20 +67,20 @@ class Replies:
         if action != "ack" and not await self._store.reply_seen(reply.id, reply.number, now, action):
             return "duplicate"
         if cmd.action == "help":
-            await self._answer(snap, mine[0], [reply.number], HELP_TEXT)
+            await self._reply_to(snap, mine[0], reply, HELP_TEXT)
             return "help"
         if cmd.action == "unknown" or cmd.problem:
             if await self._store.replied_since(reply.number, action, now - UNKNOWN_WINDOW) <= 1:
                 why = cmd.problem or f"{reply.text.strip()[:20]!r} is not a command"
-                await self._answer(snap, mine[0], [reply.number], f"Not understood: {why}. Reply HELP for commands.")
+                await self._reply_to(snap, mine[0], reply, f"Not understood: {why}. Reply HELP for commands.")
             return action
         page = await self._page(cmd.ref, reply)
         if page is None:
             shown = f"#{cmd.ref}" if cmd.ref is not None else "to you"
-            await self._answer(snap, mine[0], [reply.number], f"No page {shown} is known. Reply HELP for commands.")
+            await self._reply_to(snap, mine[0], reply, f"No page {shown} is known. Reply HELP for commands.")
             return "unknown_page"
         if not any(reply.number in g.members for gid in page.groups if (g := cfg.group(gid)) is not None):
-            await self._answer(snap, mine[0], [reply.number],
+            await self._reply_to(snap, mine[0], reply,
                                f"#{page.ref} was not sent to your groups: only they can act on it.")
             return "refused"
         if cmd.action == "ack":
@@ -171,7 +172,7 @@ class Replies:
     async def _unack(self, snap: Snapshot, page: PageRecord, reply: Reply, now: float) -> None:
         cfg = snap.config
         if page.acked_at is None:
-            await self._answer(snap, _any(cfg, page), [reply.number], f"#{page.ref} is not acknowledged.")
+            await self._reply_to(snap, _any(cfg, page), reply, f"#{page.ref} is not acknowledged.")
             return
         ids = await self._store.unack(page.ref, now, resume_at(cfg, page, now))
         api = cfg.alertmanager
@@ -201,9 +202,21 @@ class Replies:
             text = f"ESC #{page.ref}: escalating now."
         else:
             text = f"#{page.ref} is acknowledged: UNACK {page.ref} first."
-        await self._answer(snap, mine, [reply.number], text)
+        await self._reply_to(snap, mine, reply, text)
 
     # -- answers -----------------------------------------------------------------------------------
+
+    async def _reply_to(self, snap: Snapshot, group: Group, reply: Reply, text: str) -> None:
+        """An answer to the one phone that replied, at most ANSWER_LIMIT of them per phone in
+        UNKNOWN_WINDOW, whatever it sent: a phone (or a script) cannot make the receiver spend
+        SMS credit answering it. Confirmations to a group are not limited."""
+        now = self._clock.now()
+        await self._store.reply_seen(f"answer:{reply.id}", reply.number, now, "answered")
+        if await self._store.replied_since(reply.number, "answered", now - UNKNOWN_WINDOW) > ANSWER_LIMIT:
+            log.info("not answering %s: %d answers in %ds already", mask(reply.number), ANSWER_LIMIT,
+                     int(UNKNOWN_WINDOW))
+            return
+        await self._answer(snap, group, [reply.number], text)
 
     async def _answer(self, snap: Snapshot, group: Group, numbers: Iterable[str], text: str) -> None:
         """An SMS through the outbox (retries, metrics, the paging policy), as a /send would be."""

@@ -361,3 +361,20 @@ def test_a_ucs2_reply_in_hex_is_decoded():
 
     (reply,) = parse_reply_callback({"fromNumber": "886911960001", "text": "00410043004B", "charset": "UCS-2"})
     assert reply.text == "ACK"
+
+
+async def test_answers_to_one_phone_are_limited_whatever_it_sends(start_receiver, fake: Fake, http):
+    """HELP, unknown pages, commands on pages of other groups: at most ANSWER_LIMIT SMS to one
+    phone in UNKNOWN_WINDOW, so that a phone or a script cannot spend the SMS credit."""
+    from receiver.acks import ANSWER_LIMIT
+
+    rx = await start_receiver(groups=GROUPS)
+    fake.state.reply_callback_url = f"{rx.url}/callbacks/clickatell/reply"
+    for i in range(ANSWER_LIMIT + 4):
+        await _reply(http, fake, DB[0], "HELP" if i % 3 == 0 else f"ACK {99990 + i}")
+
+    async def drained() -> bool:
+        return len(await _texts(http, fake, DB[0])) >= ANSWER_LIMIT and (await rx.receiver.store.stats()).pending == 0
+
+    await eventually(drained)
+    assert len(await _texts(http, fake, DB[0])) == ANSWER_LIMIT
