@@ -19,6 +19,7 @@ from receiver.clock import Clock, SystemClock
 from receiver.config import Config, ConfigError, config_warnings, lease_problem, load_config
 from receiver.acks import Replies
 from receiver.dispatch import Dispatcher
+from receiver.logs import RefusalLog
 from receiver.escalation import Escalator
 from receiver.metrics import Metrics
 from receiver.pipeline import Snapshot
@@ -90,6 +91,7 @@ class Receiver:
         # (none: it applied its part). The CLI's listener re-reads its TLS files here.
         self.reload_hooks: list[Callable[[Config], list[str]]] = []
         self.listen: str | None = None  # run --listen, when it overrides the config's
+        self.refusals = RefusalLog(self.clock.monotonic)  # refused requests' log lines, rate-limited
 
     def _reloaded(self, ok: bool) -> None:
         self.last_reload_ok = ok

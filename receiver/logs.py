@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -128,3 +129,30 @@ def setup_logging(fmt: str = "text", level: int | str = logging.INFO) -> None:
     for name in ("aiohttp.client", "aiohttp.access", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.INFO)  # its debug lines are about the loop itself
+
+
+class RefusalLog:
+    """Refused requests, logged one line each up to ``burst`` lines per ``interval`` seconds;
+    past that they are counted, and the next line that goes out says how many were not logged.
+    An unauthenticated client could otherwise fill the disk with our warnings (it is counted in
+    the metrics either way). ``monotonic`` is the receiver's clock."""
+
+    def __init__(self, monotonic: Callable[[], float], *, burst: int = 20, interval: float = 10.0) -> None:
+        self._monotonic = monotonic
+        self._burst, self._interval = burst, interval
+        self._window_start = float("-inf")
+        self._in_window = 0
+        self._suppressed = 0
+
+    def warning(self, logger: logging.Logger, msg: str, *args: Any) -> None:
+        now = self._monotonic()
+        if now - self._window_start >= self._interval:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self._burst:
+            self._suppressed += 1
+            return
+        self._in_window += 1
+        if self._suppressed:
+            msg, args = msg + " (and %d more refused requests not logged)", (*args, self._suppressed)
+            self._suppressed = 0
+        logger.warning(msg, *args)

@@ -319,8 +319,9 @@ def guarded(handler: Handler) -> Handler:
         denied = admin_denied(auth, request.headers.get("Authorization"), request.remote, proxied)
         if denied is None:
             return await handler(request)
-        log.warning("ui refused route=%s status=%d reason=%r",
-                    request.match_info.route.resource.canonical, denied.status, denied.reason)
+        request.app[UI_RECEIVER].refusals.warning(log, "ui refused route=%s status=%d reason=%r",
+                                                  request.match_info.route.resource.canonical,
+                                                  denied.status, denied.reason)
         headers = {"WWW-Authenticate": _challenge(auth)} if denied.status == 401 else {}
         # no status strip for someone refused: it is the admin's view
         text = request.app[UI_TEMPLATES].get_template("denied.html").render(reason=denied.reason)

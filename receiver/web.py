@@ -122,7 +122,8 @@ def admin(handler: Handler) -> Handler:
         if denied is not None:
             # the route's pattern, not the path: one line per refusal, nothing the client chose
             route = request.match_info.route.resource.canonical
-            log.warning("admin refused route=%s status=%d reason=%r", route, denied.status, denied.reason)
+            request.app[RECEIVER].refusals.warning(log, "admin refused route=%s status=%d reason=%r", route,
+                                                   denied.status, denied.reason)
             if route == "/send":
                 request.app[RECEIVER].metrics.webhooks.labels("send", "unauthorized").inc()
             return _unauthorized(auth, "sms-receiver admin", denied)
@@ -149,8 +150,12 @@ async def _webhook(request: web.Request, source: Literal["alertmanager", "grafan
         if not log.isEnabledFor(level):
             return response
         details = " ".join(f"{k}={v}" for k, v in {**(about() if about else {}), **fields}.items())
-        log.log(level, "webhook source=%s outcome=%s status=%d %s duration_ms=%.1f",
+        line = ("webhook source=%s outcome=%s status=%d %s duration_ms=%.1f",
                 source, outcome, response.status, details, (r.clock.monotonic() - start) * 1000)
+        if level == logging.DEBUG:
+            log.debug(*line)
+        else:  # refused: rate-limited (it is counted either way)
+            r.refusals.warning(log, *line)
         return response
 
     denied = webhook_denied(cfg.webhook_auth, source, request.headers.get("Authorization"))
@@ -288,7 +293,7 @@ async def send(request: web.Request) -> web.Response:
 def _refused_send(r: Receiver, outcome: str, response: web.Response, reason: str) -> web.Response:
     """A refused ``/send``: counted (source "send") and logged in one line, as webhooks are."""
     r.metrics.webhooks.labels("send", outcome).inc()
-    log.warning("send outcome=%s status=%d reason=%r", outcome, response.status, reason[:200])
+    r.refusals.warning(log, "send outcome=%s status=%d reason=%r", outcome, response.status, reason[:200])
     return response
 
 
@@ -308,7 +313,7 @@ def _refused_callback(r: Receiver, outcome: str, response: web.Response, reason:
     """A refused delivery report: counted under its outcome (``invalid``, ``too_large``) in
     ``delivery_reports_total`` and logged in one line (the secret is never part of it)."""
     r.metrics.delivery_reports.labels(outcome).inc()
-    log.warning("callback outcome=%s status=%d reason=%r", outcome, response.status, reason[:200])
+    r.refusals.warning(log, "callback outcome=%s status=%d reason=%r", outcome, response.status, reason[:200])
     return response
 
 
@@ -367,7 +372,8 @@ async def reply_callback(request: web.Request) -> web.Response:
 
     def refused(action: str, response: web.Response, reason: str) -> web.Response:
         m.replies.labels(action).inc()
-        log.warning("reply callback outcome=%s status=%d reason=%r", action, response.status, reason[:200])
+        r.refusals.warning(log, "reply callback outcome=%s status=%d reason=%r", action, response.status,
+                           reason[:200])
         return response
 
     denied = _callback_denied(request)

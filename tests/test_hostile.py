@@ -549,3 +549,25 @@ async def test_a_nul_in_alert_data_is_paged_on_both_backends(start_receiver, fak
         assert r.status in (400, 404), await r.text()
     async with http.get(f"{rx.url}/api/v1/messages", params={"group": "\x00"}) as r:
         assert r.status in (200, 400), await r.text()
+
+
+async def test_refused_requests_are_all_counted_but_their_log_lines_are_limited(start_receiver, http, caplog):
+    """An unauthenticated client cannot fill the disk with our warnings: 20 lines per 10 s, then
+    a count in the next line that goes out; the metric counts every refusal."""
+    from receiver.clock import FakeClock
+
+    clock = FakeClock()
+    rx = await start_receiver(webhook_auth={"bearer_tokens": ["t0k"]}, receiver_kwargs={"clock": clock})
+    caplog.set_level(logging.WARNING, logger="sms_receiver")
+    for _ in range(50):
+        async with http.post(f"{rx.url}/webhook/alertmanager", data=b"{}") as r:
+            assert r.status == 401
+    lines = [r for r in caplog.records if "outcome=unauthorized" in r.getMessage()]
+    assert len(lines) == 20
+    clock.advance(10)
+    async with http.post(f"{rx.url}/webhook/alertmanager", data=b"{}") as r:
+        assert r.status == 401
+    last = [r.getMessage() for r in caplog.records if "outcome=unauthorized" in r.getMessage()][-1]
+    assert "(and 30 more refused requests not logged)" in last
+    assert rx.receiver.metrics.registry.get_sample_value(
+        "sms_receiver_webhooks_received_total", {"source": "alertmanager", "outcome": "unauthorized"}) == 51
