@@ -216,6 +216,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # render
 
 
+def _message_json(m: NewMessage, snap: Snapshot, now: float) -> dict[str, Any]:
+    """What ``render --json`` says of one message."""
+    return {
+        "group": m.group_id,
+        "level": m.level,
+        "recipients": list(m.recipients),
+        "text": m.sms.text,
+        "encoding": m.sms.encoding,
+        "parts": m.sms.parts,
+        "truncated": m.sms.truncated,
+        "templateError": m.template_error,
+        "policy": policy(m, snap, now).describe(),
+    }
+
+
 def _print_message(m: NewMessage, snap: Snapshot, now: float, throttle: str) -> None:
     """What ``render`` says of one message, after its heading line: recipients, policy,
     encoding and parts, a template failure, the text."""
@@ -271,18 +286,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             "alerts": len(notification.alerts),
             "dryRun": cfg.dry_run,
             "messages": [
-                {
-                    "group": m.group_id,
-                    "level": m.level,
-                    "status": str(m.status),
-                    "recipients": list(m.recipients),
-                    "text": m.sms.text,
-                    "encoding": m.sms.encoding,
-                    "parts": m.sms.parts,
-                    "truncated": m.sms.truncated,
-                    "templateError": m.template_error,
-                    "policy": policy(m, snap, now).describe(),
-                }
+                {**_message_json(m, snap, now), "status": str(m.status)}
                 for m in plan.messages
             ],
             "throttle": throttle,
@@ -353,17 +357,9 @@ def _render_send(args: argparse.Namespace, cfg: Config) -> int:
             "messages": [
                 {
                     "index": i,
-                    "group": m.group_id,
-                    "level": m.level,
+                    **_message_json(m, snap, now),
                     "template": (item.template or cfg.groups_by_id[m.group_id].send_template)
                     if item.useTemplate else None,
-                    "recipients": list(m.recipients),
-                    "text": m.sms.text,
-                    "encoding": m.sms.encoding,
-                    "parts": m.sms.parts,
-                    "truncated": m.sms.truncated,
-                    "templateError": m.template_error,
-                    "policy": policy(m, snap, now).describe(),
                 }
                 for i, item, m in planned if not isinstance(m, str)
             ],

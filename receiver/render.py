@@ -197,20 +197,27 @@ def template_error(source: str, *, budget: float = RENDER_BUDGET,
     notification within the render budget; else a short message saying what went wrong (the
     line of a syntax error, the budget that ran out, the exception). A failure on an undefined
     value is not reported: the template may need ``/send`` variables or labels the sample lacks."""
-    env = _environment()
+    samples = [(f"a sample {label} notification", context) for label, context in _sample_contexts()]
+    return _check(_environment(), source, samples, budget, timer)
+
+
+def _check(env: Sandbox, source: str, samples: list[tuple[str, dict[str, Any]]], budget: float,
+           timer: Callable[[], float]) -> str | None:
+    """None when ``source`` compiles and renders each sample within the budget; a value a sample
+    lacks is not reported (the real notification or the caller's variables may have it)."""
     try:
         compiled = env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         return f"template syntax error at line {exc.lineno}: {exc.message}"
-    for label, context in _sample_contexts():
+    for label, context in samples:
         try:
             env.run(compiled, context, Budget(budget, timer))
         except RenderBudgetExceeded as exc:
-            return f"{exc} (rendering a sample {label} notification)"
+            return f"{exc} (rendering {label})"
         except jinja2.UndefinedError:
             continue
         except Exception as exc:  # noqa: BLE001 - reported, as check-config reports everything
-            return f"rendering a sample {label} notification failed: {type(exc).__name__}: {exc}"
+            return f"rendering {label} failed: {type(exc).__name__}: {exc}"
     return None
 
 
@@ -395,21 +402,8 @@ def send_template_error(text: str, syntax: str, *, budget: float = RENDER_BUDGET
             return ("looks like Jinja2 ({{ or {%) but is in the seed's {name} syntax, where it would be "
                     "sent literally: write it as {syntax: jinja2, text: ...}, or use {name} placeholders")
         return None
-    env = _environment(_StrictVariable)
-    try:
-        compiled = env.from_string(text)
-    except jinja2.TemplateSyntaxError as exc:
-        return f"template syntax error at line {exc.lineno}: {exc.message}"
     context = send_context({}, _SampleGroup(), "critical", _SAMPLE_NOW.timestamp())
-    try:
-        env.run(compiled, context, Budget(budget, timer))
-    except RenderBudgetExceeded as exc:
-        return f"{exc} (rendering with no variables)"
-    except jinja2.UndefinedError:
-        pass
-    except Exception as exc:  # noqa: BLE001 - reported, as check-config reports everything
-        return f"rendering with no variables failed: {type(exc).__name__}: {exc}"
-    return None
+    return _check(_environment(_StrictVariable), text, [("with no variables", context)], budget, timer)
 
 
 # ---------------------------------------------------------------------------------------------
