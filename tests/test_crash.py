@@ -35,6 +35,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import API_KEY, Fake, eventually
+from tests.helpers import BASE
 from tests.tools import (
     DB_MEMBERS,
     Outbox,
@@ -92,6 +93,9 @@ def make_receiver(tmp_path: Path, fake: Fake, data: Path | None = None, **dispat
         tmp_path, fake.url, {**DISPATCH, **dispatch},
         storage=f"sqlite://{data}/outbox.db",
         clickatell={"api_key": API_KEY, "base_url": fake.url, "timeout": "10s"},
+        # the db group is two-way: its pages (refs, page alerts) are written in the same
+        # transactions the kills interrupt
+        groups=[{**g, "two_way": True} if g["id"] == "db" else g for g in BASE["groups"]],
     )
     return ReceiverProcess(config, free_port(), tmp_path / "receiver.log")
 

@@ -439,7 +439,7 @@ def test_what_runs_every_second_never_walks_the_finished_messages(tmp_path: Path
     """The planner, the dispatcher and /metrics run their queries over and over: each must go
     through a partial index of what waits, never through all messages (a million of them, most
     finished). Checked on SQLite's own query plans."""
-    from receiver.store import sql
+    from receiver.store import sql, twoway_sql
 
     conn = sqlite3.connect(tmp_path / "plans.db", isolation_level=None)
     migrate(conn)
@@ -453,6 +453,7 @@ def test_what_runs_every_second_never_walks_the_finished_messages(tmp_path: Path
     sql.stats(conn)
     sql.history(conn, ["+14155550123"], now - 3600)
     sql.prune(conn, now, now, now, 100)
+    twoway_sql.prune_pages(conn, now, 100)
     conn.set_trace_callback(None)
     partial = ("messages_due", "messages_held", "messages_lease", "messages_waiting",
                "recipients_held", "notifications_waiting")

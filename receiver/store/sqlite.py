@@ -37,20 +37,24 @@ from typing import TypeVar
 from receiver.models import MessageState, NewMessage, RecipientState
 from receiver.store import (
     Changes,
+    GroupCounts,
+    HistoryPage,
+    HistoryQuery,
     MessageQuery,
     MessageRecord,
+    NewAck,
     NumberHistory,
     OutboxStats,
+    PageRecord,
     Planned,
     Received,
     Result,
     StoreError,
     StoreUsage,
     sql,
+    twoway_sql,
 )
-from receiver.store import NewAck, PageRecord  # two-way paging
 from receiver.store.schema import SchemaError, migrate
-from receiver.store import GroupCounts, HistoryPage, HistoryQuery
 from receiver.store.writer import Writer, fault
 
 T = TypeVar("T")
@@ -274,7 +278,7 @@ class SQLiteStore:
         return await self._read(lambda conn: sql.unplanned(conn, limit))
 
     async def planned(self, plans: Sequence[Planned]) -> None:
-        await self._write(lambda conn: sql.planned(conn, plans))
+        await self._write(lambda conn: sql.planned(conn, plans, twoway_sql.insert_pages))
 
     async def received(self, notification_id: str) -> Received | None:
         return await self._read(lambda conn: sql.received(conn, notification_id))
@@ -334,7 +338,8 @@ class SQLiteStore:
 
     async def prune(self, before: float, keys_before: float, sends_before: float,
                     limit: int = 10_000) -> int:
-        return await self._write(lambda conn: sql.prune(conn, before, keys_before, sends_before, limit))
+        return await self._write(lambda conn: sql.prune(conn, before, keys_before, sends_before, limit)
+                                 + twoway_sql.prune_pages(conn, before, limit))
 
     # -- the history page (receiver.ui) ---------------------------------------------------------
 
@@ -353,38 +358,38 @@ class SQLiteStore:
     # -- two-way paging --------------------------------------------------------------------------
 
     async def allocate_refs(self, n: int) -> list[int]:
-        return await self._write(lambda conn: sql.allocate_refs(conn, n))
+        return await self._write(lambda conn: twoway_sql.allocate_refs(conn, n))
 
     async def page(self, ref: int) -> PageRecord | None:
-        return await self._read(lambda conn: sql.page(conn, ref))
+        return await self._read(lambda conn: twoway_sql.page(conn, ref))
 
     async def last_page(self, number: str) -> PageRecord | None:
-        return await self._read(lambda conn: sql.last_page(conn, number))
+        return await self._read(lambda conn: twoway_sql.last_page(conn, number))
 
     async def pages_of(self, message_ids: Sequence[str]) -> dict[str, PageRecord]:
-        return await self._read(lambda conn: sql.pages_of(conn, message_ids))
+        return await self._read(lambda conn: twoway_sql.pages_of(conn, message_ids))
 
     async def reply_seen(self, reply_id: str, number: str, at: float, action: str) -> bool:
-        return await self._write(lambda conn: sql.reply_seen(conn, reply_id, number, at, action))
+        return await self._write(lambda conn: twoway_sql.reply_seen(conn, reply_id, number, at, action))
 
     async def replied_since(self, number: str, action: str, since: float) -> int:
-        return await self._read(lambda conn: sql.replied_since(conn, number, action, since))
+        return await self._read(lambda conn: twoway_sql.replied_since(conn, number, action, since))
 
     async def ack(self, ack: NewAck) -> bool:
-        return await self._write(lambda conn: sql.ack(conn, ack))
+        return await self._write(lambda conn: twoway_sql.ack(conn, ack))
 
     async def ack_outcome(self, reply_id: str, silence_ids: Sequence[str], outcome: str) -> None:
-        await self._write(lambda conn: sql.ack_outcome(conn, reply_id, silence_ids, outcome))
+        await self._write(lambda conn: twoway_sql.ack_outcome(conn, reply_id, silence_ids, outcome))
 
     async def unack(self, ref: int, at: float, escalate_at: float | None) -> list[str]:
-        return await self._write(lambda conn: sql.unack(conn, ref, at, escalate_at))
+        return await self._write(lambda conn: twoway_sql.unack(conn, ref, at, escalate_at))
 
     async def escalate_at(self, ref: int, at: float) -> bool:
-        return await self._write(lambda conn: sql.escalate_at(conn, ref, at))
+        return await self._write(lambda conn: twoway_sql.escalate_at(conn, ref, at))
 
     async def due_escalations(self, now: float, limit: int) -> list[PageRecord]:
-        return await self._read(lambda conn: sql.due_escalations(conn, now, limit))
+        return await self._read(lambda conn: twoway_sql.due_escalations(conn, now, limit))
 
     async def escalated(self, ref: int, rounds: int, next_at: float | None, at: float,
                         messages: Sequence[NewMessage], groups: Sequence[str]) -> bool:
-        return await self._write(lambda conn: sql.escalated(conn, ref, rounds, next_at, at, messages, groups))
+        return await self._write(lambda conn: twoway_sql.escalated(conn, ref, rounds, next_at, at, messages, groups))
